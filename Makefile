@@ -1,0 +1,37 @@
+# One-command set-up. `make test` and `make quickstart` create .venv from nothing; a second run with nothing
+# changed only re-checks a stamp file. torch==2.13.0 is installed first: with no torch present, pip would
+# resolve the package's torch range to a multi-GB CUDA build.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.perceptio-installed
+TORCH_VERSION := 2.13.0
+QUICKSTART_DIR ?= runs/quickstart
+
+.PHONY: setup test quickstart bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@if $(BIN)/python -m pip list 2>/dev/null | grep -qi '^torchvision '; then \
+		echo "error: torchvision got installed; it replaces the CPU torch. Remove the dependency that pulled it in."; exit 1; fi
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+quickstart: setup
+	$(BIN)/perceptio quickstart --out $(QUICKSTART_DIR)
+
+bench: setup
+	$(BIN)/python bench/render.py
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

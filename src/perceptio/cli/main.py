@@ -1,0 +1,193 @@
+"""The `perceptio` command line. Each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from perceptio import __version__
+
+app = typer.Typer(name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_FORMATS = ("refcoco", "hardblink", "blink", "mmbench", "conversation", "depth")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        typer.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        if k == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def print_world_summary(summary) -> None:  # noqa: ANN001 - WorldSummary, imported lazily
+    """Print per-split counts of a generated world as a table."""
+    splits = ("train", "val", "test")
+    rows: list[tuple[str, ...]] = [("", *splits, "total")]
+
+    def row(label: str, values: list[int]) -> None:
+        rows.append((label, *map(str, values), str(sum(values))))
+
+    row("images", [summary.images[s] for s in splits])
+    row("objects", [summary.objects[s] for s in splits])
+    ref = summary.referring_expressions
+    row("referring expressions", [ref["train"], ref["val"], ref["testA"] + ref["testB"]])
+    counts = sorted({int(k.split("/")[1][:-2]) for k in summary.relative_depth} | {int(k.split("/")[1][:-2]) for k in summary.relative_depth_skipped})
+    for n in counts:
+        row(f"relative depth, {n} points", [summary.relative_depth[f"{s}/{n}pt"] for s in splits])
+    row("VQA questions", [summary.vqa[s] for s in splits])
+    row("multiple-choice rows (circular)", [summary.mcq_rows[s] for s in splits])
+    _print_table(rows)
+    skipped = sum(summary.relative_depth_skipped.values())
+    if skipped:
+        typer.echo(f"{skipped} image(s) had no mid-height points with clear depth gaps for their marker question: "
+                   f"{dict(summary.relative_depth_skipped)}")
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print the Perceptio version."""
+    typer.echo(__version__)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
+    num_images: Annotated[int, typer.Option(min=1, help="Number of images (scenes).")] = 1000,
+    seed: Annotated[int, typer.Option(help="World seed; same seed and options give identical files.")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels (128 default; 64 for the tiny preset).")] = 128,
+    noise: Annotated[bool, typer.Option("--noise/--no-noise", help="Add faint sensor noise to the RGB images.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Render the synthetic spatial world and write it in the real formats (RefCOCO, HardBLINK, MMBench, ...)."""
+    from perceptio.data.synthetic import WorldConfig, generate_world
+
+    try:
+        summary = generate_world(out, num_images=num_images, seed=seed, config=WorldConfig(image_size=size, noise=noise), overwrite=overwrite)
+    except (FileExistsError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out} in {summary.seconds:.1f} s")
+    print_world_summary(summary)
+
+
+@data_app.command("show")
+def data_show(
+    world: Annotated[Path, typer.Argument(help="A folder written by `perceptio data synth`.")],
+    out: Annotated[Path, typer.Option(help="Where to write the PNG contact sheet.")] = Path("grid.png"),
+    n: Annotated[int, typer.Option(min=1, help="Number of scenes to show.")] = 16,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
+) -> None:
+    """Draw a contact sheet: image with masks, depth, markers, and each scene's questions and answers."""
+    from perceptio.data.errors import DataError
+    from perceptio.data.synthetic.show import contact_sheet
+
+    try:
+        sheet = contact_sheet(world, n=n, split=split)
+    except DataError as err:
+        _fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    typer.echo(f"wrote {out} ({sheet.width}x{sheet.height})")
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="The dataset: a folder or file in the given format.")],
+    format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(_FORMATS)}.")],
+    split: Annotated[str | None, typer.Option(help="Split to check (refcoco: train/val/testA/testB/test).")] = None,
+    dataset: Annotated[str, typer.Option(help="refcoco only: refcoco, refcoco+ or refcocog.")] = "refcoco",
+    image_root: Annotated[Path | None, typer.Option(help="Image folder (refcoco, conversation, depth).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad/--no-skip-bad", help="Record bad items in a report and go on.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Where to write the skipped-items report (JSON).")] = None,
+) -> None:
+    """Read a dataset and decode every image, mask and depth map, reporting anything broken."""
+    from perceptio.data.errors import BadItemReport, DataError
+    from perceptio.data.readers import READERS, check_samples
+
+    if format not in READERS:
+        _fail(f"unknown --format {format!r}; use one of {sorted(READERS)}")
+    kwargs: dict[str, object] = {}
+    if format == "refcoco":
+        kwargs.update(dataset=dataset, split=split or "val", image_root=image_root)
+    elif format in ("conversation",):
+        kwargs.update(image_root=image_root, split=split)
+    elif format == "depth":
+        kwargs.update(image_dir=image_root, split=split)
+    elif format == "blink":
+        kwargs.update(split=split or "val")
+    elif split is not None:
+        kwargs.update(split=split)
+    bad = BadItemReport()
+    try:
+        samples = READERS[format](path, **kwargs, skip_bad=skip_bad, report=bad)
+        passed = check_samples(samples, skip_bad=skip_bad, report=bad)
+    except DataError as err:
+        _fail(f"{err}\n(re-run with --skip-bad to list every bad item)")
+    typer.echo(f"{passed} of {len(samples)} samples decoded cleanly; {len(bad)} bad item(s) skipped")
+    if len(bad):
+        for item in bad.items[:20]:
+            typer.echo(f"  {item.location}: {item.problem}")
+        if len(bad) > 20:
+            typer.echo(f"  ... and {len(bad) - 20} more")
+    if report is not None:
+        bad.write(report)
+        typer.echo(f"report written to {report}")
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
+    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 1000,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+) -> None:
+    """The main job, end to end. For now: generate the synthetic world and draw a contact sheet of it.
+
+    Finished steps are reused: a second run with the same options skips the world generation.
+    """
+    import json
+
+    from perceptio.data.synthetic import WorldConfig, generate_world
+    from perceptio.data.synthetic.show import contact_sheet
+    from perceptio.data.synthetic.world import WorldSummary
+
+    world = out / "world"
+    manifest = world / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("num_images") == num_images and json.loads(manifest.read_text()).get("seed") == seed:
+        typer.echo(f"[1/2] synthetic world: reusing {world}")
+        counts = json.loads(manifest.read_text())["counts"]
+        from collections import Counter
+
+        summary = WorldSummary(out_dir=world, **{k: Counter(v) for k, v in counts.items()})
+    else:
+        typer.echo(f"[1/2] synthetic world: rendering {num_images} images into {world}")
+        summary = generate_world(world, num_images=num_images, seed=seed, config=WorldConfig(), overwrite=True)
+    print_world_summary(summary)
+    sheet_path = out / "world_contact_sheet.png"
+    typer.echo(f"[2/2] contact sheet of the val split -> {sheet_path}")
+    contact_sheet(world, n=16, split="val").save(sheet_path)
+    typer.echo(f"done. Look at {sheet_path}; the datasets are in {world}.")
+
+
+def main() -> None:
+    """Entry point of the `perceptio` console script."""
+    app(prog_name="perceptio")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Readers that turn benchmark and training files into :class:`~perceptio.data.schema.Sample` lists.
+
+Every reader reads annotations eagerly and leaves images, masks and depth maps as lazy refs. Each takes
+``skip_bad`` and ``report``: without ``skip_bad`` a bad item raises :class:`~perceptio.data.errors.DataError`
+(naming the file, line or item, and the fix); with it, the item is recorded in the report and skipped.
+:func:`check_samples` decodes everything once, to find broken files before a long run does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sized
+
+from perceptio.data.errors import BadItemReport, DataError, handle
+from perceptio.data.readers._common import check_skip_args
+from perceptio.data.readers.blink import read_blink
+from perceptio.data.readers.conversation import read_conversations
+from perceptio.data.readers.depth import read_depth_folder, read_depth_map
+from perceptio.data.readers.hardblink import available_points, read_hardblink
+from perceptio.data.readers.mmbench import read_mmbench
+from perceptio.data.readers.refer import assert_no_eval_images, eval_image_ids, load_refs, read_refer
+from perceptio.data.schema import Sample
+
+__all__ = [
+    "READERS",
+    "assert_no_eval_images",
+    "available_points",
+    "check_sample",
+    "check_samples",
+    "eval_image_ids",
+    "load_refs",
+    "read_blink",
+    "read_conversations",
+    "read_depth_folder",
+    "read_depth_map",
+    "read_hardblink",
+    "read_mmbench",
+    "read_refer",
+]
+
+#: Reader by format name; every reader returns ``list[Sample]``.
+READERS: dict[str, Callable[..., list[Sample]]] = {
+    "refcoco": read_refer,
+    "hardblink": read_hardblink,
+    "blink": read_blink,
+    "mmbench": read_mmbench,
+    "conversation": read_conversations,
+    "depth": read_depth_folder,
+}
+
+
+def check_sample(sample: Sample) -> None:
+    """Decode every image, mask and depth map of ``sample`` and check that their sizes agree.
+
+    Masks and the depth map must have the (H, W) of the first image; points must lie inside it. Raises
+    DataError naming the offending file.
+    """
+    images = [ref.load() for ref in sample.images]
+    if not images:
+        if sample.masks or sample.depth is not None or sample.points:
+            raise DataError("sample has masks, depth or points but no image", fix="give the sample its image")
+        return
+    width, height = images[0].size
+    first = sample.images[0].describe()
+    for mask in sample.masks:
+        decoded = mask.decode()
+        if decoded.shape != (height, width):
+            raise DataError(
+                f"mask is {decoded.shape[0]}x{decoded.shape[1]} but its image {first} is {height}x{width} (HxW)",
+                path=mask.name,
+                fix="the mask was made for another image or resolution; check the annotation's height/width",
+            )
+    if sample.depth is not None:
+        values = sample.depth.load().values
+        if values.shape != (height, width):
+            raise DataError(
+                f"depth map is {values.shape[0]}x{values.shape[1]} but its image {first} is {height}x{width} (HxW)",
+                path=sample.depth.path,
+                fix="pair each depth map with its own image, or resize it with nearest neighbour",
+            )
+    for point in sample.points:
+        if not (0 <= point.x < width and 0 <= point.y < height):
+            raise DataError(
+                f"point {point.label} at ({point.x}, {point.y}) lies outside the {width}x{height} image",
+                path=first,
+                fix="points are pixel coordinates (x right, y down) of the original image",
+            )
+
+
+def check_samples(
+    samples: Iterable[Sample],
+    *,
+    skip_bad: bool = False,
+    report: BadItemReport | None = None,
+    progress: bool = True,
+) -> int:
+    """Fully decode every sample (see :func:`check_sample`), with a tqdm progress bar when ``progress``.
+
+    Returns:
+        The number of samples that passed. A failing sample raises DataError naming the sample id and the
+        file, or, with ``skip_bad``, is recorded in ``report``.
+    """
+    from tqdm import tqdm  # lazy: only needed for this slow, interactive check
+
+    check_skip_args(skip_bad, report)
+    total = len(samples) if isinstance(samples, Sized) else None
+    passed = 0
+    for sample in tqdm(samples, total=total, desc="checking samples", unit="sample", disable=not progress):
+        try:
+            check_sample(sample)
+        except DataError as err:
+            item = f"sample {sample.sample_id}" + (f", {err.item}" if err.item is not None else "")
+            located = DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix)
+            handle(located, skip_bad=skip_bad, report=report)
+            continue
+        passed += 1
+    return passed
