@@ -33,10 +33,14 @@ def _png(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
 def _row(idx: str, answer: str, *images: dict | None, sub_task: str = "Relative_Depth") -> dict:
     padded = list(images) + [None] * (4 - len(images))
     return {
-        "idx": idx, "question": "Which point is closer to the camera?", "sub_task": sub_task,
+        "idx": idx,
+        "question": "Which point is closer to the camera?",
+        "sub_task": sub_task,
         **{f"image_{k}": image for k, image in enumerate(padded, start=1)},
-        "choices": CHOICES, "answer": answer, "prompt": PROMPT,
-    }  # fmt: skip
+        "choices": CHOICES,
+        "answer": answer,
+        "prompt": PROMPT,
+    }
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -50,9 +54,13 @@ def blink_root(tmp_path: Path) -> Path:
     root = tmp_path / "BLINK"
     val = [
         _row("val_Relative_Depth_1", "(A)", {"bytes": _png((30, 20), (255, 0, 0)), "path": "a.png"}, None),
-        _row("val_Relative_Depth_2", "(B)", {"bytes": _png((30, 20), (0, 255, 0)), "path": None},
-             {"bytes": _png((10, 10), (0, 0, 255)), "path": None}),
-    ]  # fmt: skip
+        _row(
+            "val_Relative_Depth_2",
+            "(B)",
+            {"bytes": _png((30, 20), (0, 255, 0)), "path": None},
+            {"bytes": _png((10, 10), (0, 0, 255)), "path": None},
+        ),
+    ]
     _write(root / "Relative_Depth" / "val-00000-of-00001.parquet", val)
     # a test row whose image struct has only a path, relative to the parquet's folder
     Image.new("RGB", (8, 6), (9, 9, 9)).save(root / "Relative_Depth" / "t.png")
@@ -72,7 +80,12 @@ def test_val_rows(blink_root: Path) -> None:
     first = samples[0]
     assert first.task is Task.RELATIVE_DEPTH and first.source == "blink" and first.split == "val"
     assert first.choices == tuple(CHOICES) and first.query == "Which point is closer to the camera?"
-    assert first.meta == {"idx": "val_Relative_Depth_1", "sub_task": "Relative_Depth", "prompt": PROMPT, "hidden": False}
+    assert first.meta == {
+        "idx": "val_Relative_Depth_1",
+        "sub_task": "Relative_Depth",
+        "prompt": PROMPT,
+        "hidden": False,
+    }
     assert first.images[0].name == "val-00000-of-00001.parquet[val_Relative_Depth_1] image_1"
     assert first.image.load().getpixel((0, 0)) == (255, 0, 0)
     assert [image.load().size for image in samples[1].images] == [(30, 20), (10, 10)]
@@ -95,7 +108,9 @@ def test_single_file_and_other_subtasks(blink_root: Path) -> None:
 
 
 def test_unknown_subtask_and_split(blink_root: Path) -> None:
-    with pytest.raises(DataError, match=r"no subtask folder 'Depth'. Fix: choose subtask from \['Counting', 'Relative_Depth'\]"):
+    with pytest.raises(
+        DataError, match=r"no subtask folder 'Depth'. Fix: choose subtask from \['Counting', 'Relative_Depth'\]"
+    ):
         read_blink(blink_root, subtask="Depth")
     with pytest.raises(DataError, match=r"no train-\*\.parquet files. Fix: choose split from \['test', 'val'\]"):
         read_blink(blink_root, split="train")
@@ -118,7 +133,12 @@ def test_bad_rows_raise_or_are_skipped(tmp_path: Path) -> None:
     image = {"bytes": _png((4, 4), (0, 0, 0)), "path": None}
     path = _write(
         tmp_path / "val-00000-of-00001.parquet",
-        [_row("ok", "(A)", image), _row("bad_letter", "(C)", image), _row("no_image", "(B)"), _row("ok2", "(B)", image)],
+        [
+            _row("ok", "(A)", image),
+            _row("bad_letter", "(C)", image),
+            _row("no_image", "(B)"),
+            _row("ok2", "(B)", image),
+        ],
     )
     with pytest.raises(DataError, match=r"\[bad_letter\]: answer '\(C\)' is not one of the letters A/B"):
         read_blink(path)
@@ -129,7 +149,9 @@ def test_bad_rows_raise_or_are_skipped(tmp_path: Path) -> None:
 
 
 def test_undecodable_image_bytes_fail_at_load(tmp_path: Path) -> None:
-    path = _write(tmp_path / "x.parquet", [_row("broken", "(A)", {"bytes": _png((4, 4), (0, 0, 0))[:30], "path": None})])
+    path = _write(
+        tmp_path / "x.parquet", [_row("broken", "(A)", {"bytes": _png((4, 4), (0, 0, 0))[:30], "path": None})]
+    )
     (sample,) = read_blink(path)
     with pytest.raises(DataError, match=r"x\.parquet\[broken\] image_1: image cannot be decoded"):
         sample.image.load()

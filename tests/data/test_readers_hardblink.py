@@ -41,10 +41,12 @@ def tree(tmp_path: Path) -> Path:
         root / "questions" / "blink_2pointscenter_questions.jsonl",
         [_question(0, points=pts2, scene_id="s0"), _question(1, points=pts2, scene_id="s1")],
     )
-    _write_jsonl(root / "answers" / "blink_2pointscenter_answers.jsonl", [{"question_id": 0, "text": "(B)"},
-                                                                          {"question_id": 1, "text": "(A)"}])  # fmt: skip
+    answers2 = [{"question_id": 0, "text": "(B)"}, {"question_id": 1, "text": "(A)"}]
+    _write_jsonl(root / "answers" / "blink_2pointscenter_answers.jsonl", answers2)
     _write_jsonl(root / "questions" / "blink_3pointscenter_questions.jsonl", [_question(i) for i in range(3)])
-    _write_jsonl(root / "questions" / "blink_3pointscenter_questions_long.jsonl", [_question(i, text="long?") for i in range(3)])
+    _write_jsonl(
+        root / "questions" / "blink_3pointscenter_questions_long.jsonl", [_question(i, text="long?") for i in range(3)]
+    )
     # answers in a different order from the questions: the join must use question_id
     _write_jsonl(
         root / "answers" / "blink_3pointscenter_answers.jsonl",
@@ -62,14 +64,24 @@ def test_reads_every_subset_and_joins_on_id(tree: Path) -> None:
     samples = read_hardblink(tree, split="test")
     assert available_points(tree) == [2, 3] and available_points(tree, variant="long") == [3]
     assert [(s.sample_id, s.answer) for s in samples] == [
-        ("2pt_0", "B"), ("2pt_1", "A"), ("3pt_0", "A"), ("3pt_1", "B"), ("3pt_2", "C"),
-    ]  # fmt: skip
+        ("2pt_0", "B"),
+        ("2pt_1", "A"),
+        ("3pt_0", "A"),
+        ("3pt_1", "B"),
+        ("3pt_2", "C"),
+    ]
     two = samples[0]
     assert two.task is Task.RELATIVE_DEPTH and two.source == "hardblink" and two.split == "test"
     assert two.query == QUESTION
     assert two.points == (Point("B", 12.0, 40.5), Point("A", 30.0, 41.0))
-    assert two.meta == {"scene_id": "s0", "num_points": 2, "question_id": 0, "category": "count",
-                        "subset": "blink_2pointscenter", "variant": "direct"}  # fmt: skip
+    assert two.meta == {
+        "scene_id": "s0",
+        "num_points": 2,
+        "question_id": 0,
+        "category": "count",
+        "subset": "blink_2pointscenter",
+        "variant": "direct",
+    }
     assert two.image.path == tree / "images" / "blink2pointscenter" / "0.png"
     assert samples[3].letters == ("A", "B", "C") and samples[3].points == ()
     assert check_samples(samples, progress=False) == 5
@@ -97,8 +109,10 @@ def test_missing_folders(tmp_path: Path, tree: Path) -> None:
 
 def test_bad_items_raise(tree: Path) -> None:
     answers = tree / "answers" / "blink_3pointscenter_answers.jsonl"
-    _write_jsonl(answers, [{"question_id": 0, "text": "(D)"}, {"question_id": 1, "text": "(B)"},
-                           {"question_id": 2, "text": "(C)"}])  # fmt: skip
+    _write_jsonl(
+        answers,
+        [{"question_id": 0, "text": "(D)"}, {"question_id": 1, "text": "(B)"}, {"question_id": 2, "text": "(C)"}],
+    )
     with pytest.raises(DataError, match=r"answers\.jsonl:1: answer '\(D\)' is not one of the letters A/B/C"):
         read_hardblink(tree, points=(3,))
     _write_jsonl(answers, [{"question_id": 0, "text": "(A)"}, '{"question_id": 1, "text": '])
@@ -110,8 +124,15 @@ def test_skip_bad_records_every_problem(tree: Path) -> None:
     questions = tree / "questions" / "blink_3pointscenter_questions.jsonl"
     answers = tree / "answers" / "blink_3pointscenter_answers.jsonl"
     _write_jsonl(questions, [_question(0), _question(1), _question(1), "{oops", _question(2), _question(3)])
-    _write_jsonl(answers, [{"question_id": 0, "text": "(A)"}, {"question_id": 1, "text": "(B)"},
-                           {"question_id": 2, "text": "(Q)"}, {"question_id": 9, "text": "(A)"}])  # fmt: skip
+    _write_jsonl(
+        answers,
+        [
+            {"question_id": 0, "text": "(A)"},
+            {"question_id": 1, "text": "(B)"},
+            {"question_id": 2, "text": "(Q)"},
+            {"question_id": 9, "text": "(A)"},
+        ],
+    )
     report = BadItemReport()
     samples = read_hardblink(tree, points=(3,), skip_bad=True, report=report)
     assert [s.sample_id for s in samples] == ["3pt_0", "3pt_1"]
@@ -128,7 +149,9 @@ def test_points_must_match_the_letters(tree: Path) -> None:
     bad = [{"label": "A", "x": 1, "y": 2}, {"label": "A", "x": 3, "y": 4}]
     _write_jsonl(tree / "questions" / "blink_2pointscenter_questions.jsonl", [_question(0, points=bad)])
     _write_jsonl(tree / "answers" / "blink_2pointscenter_answers.jsonl", [{"question_id": 0, "text": "(A)"}])
-    with pytest.raises(DataError, match=r"questions\.jsonl:1: point labels \['A', 'A'\] are not the letters \['A', 'B'\]"):
+    with pytest.raises(
+        DataError, match=r"questions\.jsonl:1: point labels \['A', 'A'\] are not the letters \['A', 'B'\]"
+    ):
         read_hardblink(tree, points=(2,))
 
 

@@ -55,23 +55,28 @@ def _sentence(sent_id: int, text: str, raw: str | None = None) -> dict:
     return {"sent_id": sent_id, "sent": text, "raw": raw or text.title(), "tokens": text.split()}
 
 
+def _ref(ref_id: int, ann_id: int | list[int], image_id: int, category_id: int, split: str, *sentences: dict) -> dict:
+    return {
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "split": split,
+        "sentences": list(sentences),
+        "sent_ids": [sentence["sent_id"] for sentence in sentences],
+    }
+
+
 def _refs() -> list[dict]:
     return [
-        {"ref_id": 1, "ann_id": 10, "image_id": 1, "category_id": 1, "split": "train",
-         "sentences": [_sentence(100, "man left"), _sentence(101, "guy on left")], "sent_ids": [100, 101]},
-        {"ref_id": 2, "ann_id": 11, "image_id": 1, "category_id": 2, "split": "val",
-         "sentences": [_sentence(200, "dog", raw=RAW_PLACEHOLDER)], "sent_ids": [200]},
-        {"ref_id": 3, "ann_id": 12, "image_id": 2, "category_id": 1, "split": "testA",
-         "sentences": [_sentence(300, "a"), _sentence(301, "b"), _sentence(302, "c")], "sent_ids": [300, 301, 302]},
-        {"ref_id": 4, "ann_id": 13, "image_id": 2, "category_id": 2, "split": "testB",
-         "sentences": [_sentence(400, "brown dog")], "sent_ids": [400]},
-        {"ref_id": 5, "ann_id": [-1], "image_id": 2, "category_id": 2, "split": "testB",
-         "sentences": [_sentence(500, "the cat")], "sent_ids": [500]},
-        {"ref_id": 6, "ann_id": [12, 13], "image_id": 2, "category_id": 1, "split": "val",
-         "sentences": [_sentence(600, "both")], "sent_ids": [600]},
-        {"ref_id": 7, "ann_id": 14, "image_id": 2, "category_id": 2, "split": "val",
-         "sentences": [_sentence(700, "nothing drawn")], "sent_ids": [700]},
-    ]  # fmt: skip
+        _ref(1, 10, 1, 1, "train", _sentence(100, "man left"), _sentence(101, "guy on left")),
+        _ref(2, 11, 1, 2, "val", _sentence(200, "dog", raw=RAW_PLACEHOLDER)),
+        _ref(3, 12, 2, 1, "testA", _sentence(300, "a"), _sentence(301, "b"), _sentence(302, "c")),
+        _ref(4, 13, 2, 2, "testB", _sentence(400, "brown dog")),
+        _ref(5, [-1], 2, 2, "testB", _sentence(500, "the cat")),  # gRefCOCO no-target
+        _ref(6, [12, 13], 2, 1, "val", _sentence(600, "both")),  # gRefCOCO multi-object
+        _ref(7, 14, 2, 2, "val", _sentence(700, "nothing drawn")),  # empty segmentation
+    ]
 
 
 def _py2_pickle(refs: list[dict]) -> bytes:
@@ -108,9 +113,16 @@ def test_val_split_one_sample_per_sentence(refer_root: Path) -> None:
     assert first.query == "dog"
     assert first.meta["raw"] == "café"  # Python-2 byte string, decoded with the latin1 fallback
     assert first.meta | {"raw": None} == {
-        "image_id": 1, "ann_id": 11, "ref_id": 2, "sent_id": 200, "category_id": 2, "category": "dog",
-        "raw": None, "split_by": "unc", "ref_split": "val",
-    }  # fmt: skip
+        "image_id": 1,
+        "ann_id": 11,
+        "ref_id": 2,
+        "sent_id": 200,
+        "category_id": 2,
+        "category": "dog",
+        "raw": None,
+        "split_by": "unc",
+        "ref_split": "val",
+    }
     image_dir = refer_root / "images" / "mscoco" / "images" / "train2014"
     assert first.image.path == image_dir / IMG1 and first.image.size == (20, 10)
     assert first.image.load().size == (20, 10)
@@ -149,7 +161,9 @@ def test_no_target_ref_has_no_masks(refer_root: Path) -> None:
 
 
 def test_unknown_split_lists_available(refer_root: Path) -> None:
-    with pytest.raises(DataError, match=r"unknown split 'testC'; the file has splits \['testA', 'testB', 'train', 'val'\]"):
+    with pytest.raises(
+        DataError, match=r"unknown split 'testC'; the file has splits \['testA', 'testB', 'train', 'val'\]"
+    ):
         read_refer(refer_root, "refcoco", split="testC")
     with pytest.raises(DataError, match=r"refs\(unc\)\.p.*unknown split 'validation'"):
         read_refer(refer_root, "refcoco", split="validation")
@@ -215,7 +229,8 @@ def test_bad_refs_raise_or_are_skipped(refer_root: Path) -> None:
     assert [item.problem for item in report.items] == [
         "ann_id 999 is not in instances.json",
         "image_id 77 is not in instances.json",
-        "missing field(s) ['sentences']; the record has ['ann_id', 'category_id', 'image_id', 'ref_id', 'sent_ids', 'split']",
+        "missing field(s) ['sentences']; "
+        "the record has ['ann_id', 'category_id', 'image_id', 'ref_id', 'sent_ids', 'split']",
     ]
 
 
@@ -239,7 +254,9 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "refs(unc).p"
     path.write_bytes(pickle.dumps([{"ref_id": 1}, _RunsShell(marker)], protocol=2))
-    with pytest.raises(DataError, match=r"refs\(unc\)\.p: refusing to load global '(posix|os)\.system': only plain data"):
+    with pytest.raises(
+        DataError, match=r"refs\(unc\)\.p: refusing to load global '(posix|os)\.system': only plain data"
+    ):
         load_refs(path)
     assert not marker.exists()
     path.write_bytes(pickle.dumps([{"ref_id": 1}, _RunsShell(marker)], protocol=0))
@@ -282,7 +299,9 @@ def test_eval_image_ids_and_guard(refer_root: Path) -> None:
     assert_no_eval_images(["images/000000581857.jpg"], eval_ids, manifest="m")  # not a COCO path: not checked
     with pytest.raises(DataError) as err:
         assert_no_eval_images(
-            [1, "COCO_train2014_000000581857.jpg", "llava/coco/train2017/000000000002.jpg", 2], eval_ids, manifest="mix.yaml"
+            [1, "COCO_train2014_000000581857.jpg", "llava/coco/train2017/000000000002.jpg", 2],
+            eval_ids,
+            manifest="mix.yaml",
         )
     assert str(err.value) == (
         "mix.yaml: training data contains 2 image(s) from RefCOCO/+/g evaluation splits, e.g. image_id [2, 581857]. "

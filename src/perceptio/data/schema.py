@@ -108,7 +108,8 @@ def load_rgb(
         raise DataError(
             f"image has mode {mode!r} (single-channel {'16' if '16' in mode else '32'}-bit), expected an RGB photo",
             path=label,
-            fix="this looks like a depth map; read it with perceptio.data.read_depth_map, or convert it to 8-bit RGB",
+            fix="this looks like a depth map; read it with perceptio.data.readers.read_depth_map, "
+            "or convert it to 8-bit RGB",
         )
     if mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]

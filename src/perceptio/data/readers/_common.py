@@ -20,9 +20,9 @@ from perceptio.data.schema import Sample
 __all__ = [
     "build_samples",
     "check_skip_args",
+    "iter_jsonl",
     "option_letters",
     "parse_letter",
-    "iter_jsonl",
     "read_json",
     "require_dir",
     "require_fields",
@@ -113,7 +113,7 @@ def iter_jsonl(path: Path, *, skip_bad: bool, report: BadItemReport | None) -> I
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as err:
                 error = DataError(
                     f"line is not UTF-8 ({err.reason})", path=path, line=line_no, fix="re-encode as UTF-8"

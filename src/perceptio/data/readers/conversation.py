@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from perceptio.data.errors import BadItemReport, DataError
 from perceptio.data.readers._common import build_samples, check_skip_args, iter_jsonl, read_json
@@ -20,7 +20,12 @@ __all__ = ["IMAGE_PLACEHOLDER", "read_conversations"]
 
 #: The token LLaVA and InternVL data put where an image goes.
 IMAGE_PLACEHOLDER = "<image>"
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_ROLES: dict[str, Literal["user", "assistant"]] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 _RECORD_FIELDS = {"id", "image", "conversations", "task"}
 
 
@@ -67,7 +72,7 @@ def _turns(value: Any, **where: Any) -> tuple[list[Turn], list[str]]:
             raise DataError(
                 f"turn {number} has unknown role {role!r}", fix=f"use one of {sorted([*_ROLES, 'system'])}", **where
             )
-        turns.append(Turn(role=_ROLES[role], text=message["value"]))  # type: ignore[arg-type]
+        turns.append(Turn(role=_ROLES[role], text=message["value"]))
     return turns, system
 
 

@@ -30,7 +30,7 @@ from perceptio.data.readers._common import (
 )
 from perceptio.data.schema import ImageRef, MaskRef, Sample, Task
 
-__all__ = ["assert_no_eval_images", "eval_image_ids", "load_refs", "read_refer"]
+__all__ = ["DEFAULT_SPLIT_BY", "assert_no_eval_images", "eval_image_ids", "load_refs", "read_refer"]
 
 #: Default ``split_by`` per dataset folder; LISA and Sa2VA hard-code the same choice.
 DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -95,11 +95,11 @@ def load_refs(path: str | Path) -> list[dict[str, Any]]:
     return refs
 
 
-def _dataset_folder(dataset: str) -> str:
+def _dataset_folder(dataset: str, root: Path) -> str:
     name = _ALIASES.get(dataset, dataset)
     if name not in DEFAULT_SPLIT_BY:
         known = sorted([*DEFAULT_SPLIT_BY, *_ALIASES])
-        raise DataError(f"unknown refer dataset {dataset!r}", fix=f"use one of {known}")
+        raise DataError(f"unknown refer dataset {dataset!r}", path=root, fix=f"use one of {known}")
     return name
 
 
@@ -168,7 +168,7 @@ def read_refer(
     """
     check_skip_args(skip_bad, report)
     root = Path(root)
-    folder = _dataset_folder(dataset)
+    folder = _dataset_folder(dataset, root)
     split_by = split_by or DEFAULT_SPLIT_BY[folder]
     require_dir(root / folder, what=f"{folder} folder", fix=f"root must hold {folder}/ with instances.json and refs")
     refs_path = root / folder / f"refs({split_by}).p"
@@ -281,7 +281,7 @@ def eval_image_ids(root: str | Path, datasets: Sequence[str] = ("refcoco", "refc
     ids: set[int] = set()
     found = []
     for dataset in datasets:
-        folder = _dataset_folder(dataset)
+        folder = _dataset_folder(dataset, root)
         if not (root / folder).is_dir():
             continue
         found.append(folder)

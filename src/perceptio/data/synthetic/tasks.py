@@ -294,7 +294,8 @@ def relative_depth_question(
     interior = np.ones_like(ids, dtype=bool)
     for dy, dx in itertools.product(range(-2, 3), repeat=2):
         interior &= np.roll(ids, (dy, dx), axis=(0, 1)) == ids
-    top, bottom = int(config.marker_band[0] * n), int(np.ceil(config.marker_band[1] * n))
+    # rows whose pixel centres (row + 0.5) lie inside the band
+    top, bottom = int(np.ceil(config.marker_band[0] * n - 0.5)), int(np.floor(config.marker_band[1] * n - 0.5)) + 1
     band = np.zeros_like(interior)
     band[top:bottom, 3 : n - 3] = True
     rows, cols = np.nonzero(interior & band)

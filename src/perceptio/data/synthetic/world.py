@@ -50,7 +50,7 @@ from perceptio.data.synthetic.tasks import (
     vqa_items,
 )
 
-__all__ = ["SPLITS", "WorldConfig", "WorldSummary", "generate_world", "render_world_scene"]
+__all__ = ["SPLITS", "WorldConfig", "WorldScene", "WorldSummary", "generate_world", "render_world_scene"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +103,16 @@ class WorldSummary:
 
 
 @dataclass(frozen=True)
-class _SceneRecord:
+class WorldScene:
+    """One scene of the world: its geometry, its rendering and what is visible of each object."""
+
     index: int
     scene: Scene
     rendering: Rendering
     facts: list[ObjectFacts]
 
 
-def render_world_scene(seed: int, index: int, config: WorldConfig, *, max_tries: int = 50) -> _SceneRecord:
+def render_world_scene(seed: int, index: int, config: WorldConfig, *, max_tries: int = 50) -> WorldScene:
     """Render scene ``index`` of the world with ``seed``: redraw until every object is visible enough.
 
     Each scene draws from its own generator seeded with ``(seed, index)``, so scenes are independent of each
@@ -125,7 +127,7 @@ def render_world_scene(seed: int, index: int, config: WorldConfig, *, max_tries:
         rendering = render_scene(scene, noise=rng if config.noise else None)
         facts = measure_objects(scene, rendering)
         if all(f.visible_pixels >= min_pixels for f in facts):
-            return _SceneRecord(index, scene, rendering, facts)
+            return WorldScene(index, scene, rendering, facts)
     raise RuntimeError(f"scene {index}: no arrangement with every object visible in {max_tries} tries; relax SceneConfig")
 
 
@@ -227,7 +229,7 @@ class _Writers:
 _L2 = {"color": "attribute_recognition", "shape": "attribute_recognition", "count": "counting", "spatial": "spatial_relation"}
 
 
-def _write_scene(w: _Writers, record: _SceneRecord, split: str, summary: WorldSummary, rng: np.random.Generator) -> None:
+def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSummary, rng: np.random.Generator) -> None:
     config = w.config
     n = config.image_size
     image_id = record.index + 1
