@@ -212,3 +212,16 @@ def test_skip_bad_records_each_row(tmp_path: Path) -> None:
     assert [item.location for item in report.items] == [f"{path}:9", f"{path}:6 [index 12]", f"{path}:8 [index 13]"]
     assert report.items[0].problem == "duplicate index 7 (first on line 2)"
     assert report.items[2].problem.startswith("options must be consecutive letters from A")
+
+
+def test_empty_and_undecodable_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.tsv: file is empty"):
+        read_mmbench(empty)
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("\t".join(HEADER).encode() + b"\n1\tcaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.tsv:2: line is not UTF-8 \(invalid continuation byte\)"):
+        read_mmbench(latin)
+    with pytest.raises(DataError, match=r"absent\.tsv: MMBench TSV not found"):
+        read_mmbench(tmp_path / "absent.tsv")

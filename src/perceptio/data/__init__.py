@@ -1,0 +1,56 @@
+"""Datasets: the common Sample record, readers for the real formats, and the synthetic spatial world."""
+
+from perceptio.data.errors import BadItemReport, DataError
+from perceptio.data.readers import (
+    READERS,
+    assert_no_eval_images,
+    check_samples,
+    eval_image_ids,
+    read_blink,
+    read_conversations,
+    read_depth_folder,
+    read_depth_map,
+    read_hardblink,
+    read_mmbench,
+    read_refer,
+)
+from perceptio.data.schema import (
+    DEPTH_CONVENTIONS,
+    DepthConvention,
+    DepthMap,
+    DepthRef,
+    ImageRef,
+    MaskRef,
+    Point,
+    Sample,
+    Task,
+    Turn,
+    load_rgb,
+)
+
+__all__ = [
+    "DEPTH_CONVENTIONS",
+    "READERS",
+    "BadItemReport",
+    "DataError",
+    "DepthConvention",
+    "DepthMap",
+    "DepthRef",
+    "ImageRef",
+    "MaskRef",
+    "Point",
+    "Sample",
+    "Task",
+    "Turn",
+    "assert_no_eval_images",
+    "check_samples",
+    "eval_image_ids",
+    "load_rgb",
+    "read_blink",
+    "read_conversations",
+    "read_depth_folder",
+    "read_depth_map",
+    "read_hardblink",
+    "read_mmbench",
+    "read_refer",
+]

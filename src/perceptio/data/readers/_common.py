@@ -88,8 +88,8 @@ def read_json(path: Path, *, what: str = "JSON file", fix: str = "check the path
     """Parse a whole JSON file. Raises DataError naming the file (and line) when missing or malformed."""
     require_file(path, what=what, fix=fix)
     try:
-        with path.open(encoding="utf-8") as handle_:
-            return json.load(handle_)
+        with path.open(encoding="utf-8") as stream:
+            return json.load(stream)
     except json.JSONDecodeError as err:
         raise DataError(
             f"malformed JSON ({err.msg}, column {err.colno})",

@@ -17,6 +17,7 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,56 +105,78 @@ def _images(row: _Row, path: Path, own_images: dict[int, str]) -> tuple[ImageRef
     raise DataError("row has no image", fix="fill the image (base64) or image_path column", **where)
 
 
-def _read_rows(path: Path, *, skip_bad: bool, report: BadItemReport | None) -> tuple[list[str], list[_Row]]:
-    """Parse the TSV into its header and rows with integer indexes; bad rows raise or are recorded."""
+def _utf8_lines(path: Path, stream: Iterable[bytes]) -> Iterator[str]:
+    """Decode line by line, so that a bad byte is reported on its own line rather than a buffer's."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"line is not UTF-8 ({err.reason})", path=path, line=number, fix="re-export the file as UTF-8"
+            ) from None
+
+
+def _tsv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(first line, cells)`` per record (a quoted cell may span lines); parse errors name the line."""
     try:
         csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's 128 KiB default
     except OverflowError:  # platforms whose C long is 32-bit
         csv.field_size_limit(2**31 - 1)
+    with path.open("rb") as stream:
+        reader = csv.reader(_utf8_lines(path, stream), delimiter="\t")
+        end_line = 0
+        try:
+            for cells in reader:
+                line, end_line = end_line + 1, reader.line_num
+                if cells:
+                    yield line, cells
+        except csv.Error as err:
+            raise DataError(
+                f"TSV cannot be parsed ({err})", path=path, line=reader.line_num, fix="repair the file"
+            ) from None
+
+
+def _read_rows(path: Path, *, skip_bad: bool, report: BadItemReport | None) -> tuple[list[str], list[_Row]]:
+    """Parse the TSV into its header and rows with integer indexes; bad rows raise or are recorded."""
+    records = _tsv_records(path)
+    _, header = next(records, (1, []))
+    if not header:
+        raise DataError("file is empty", path=path, fix="expected a header row: index, question, A, B, ...")
+    missing = [c for c in ("index", "question") if c not in header]
+    if not {"image", "image_path"} & set(header):
+        missing.append("image")
+    if missing:
+        raise DataError(
+            f"missing column(s) {missing}; the header has {header}",
+            path=path,
+            line=1,
+            fix="use an MMBench TSV (VLMEvalKit or legacy format)",
+        )
     rows: list[_Row] = []
     seen: dict[int, int] = {}
-    with path.open(encoding="utf-8-sig", newline="") as handle_:
-        reader = csv.reader(handle_, delimiter="\t")
-        header = next(reader, None)
-        if not header:
-            raise DataError("file is empty", path=path, fix="expected a header row: index, question, A, B, ...")
-        end_line = reader.line_num
-        missing = [c for c in ("index", "question") if c not in header]
-        if not {"image", "image_path"} & set(header):
-            missing.append("image")
-        if missing:
-            raise DataError(
-                f"missing column(s) {missing}; the header has {header}",
-                path=path,
-                line=1,
-                fix="use an MMBench TSV (VLMEvalKit or legacy format)",
-            )
-        for cells in reader:
-            line, end_line = end_line + 1, reader.line_num  # a quoted cell may span several lines
-            if not cells:
-                continue
-            try:
-                if len(cells) != len(header):
-                    raise DataError(
-                        f"row has {len(cells)} cells but the header has {len(header)}",
-                        path=path,
-                        line=line,
-                        fix="check for unescaped tabs or quotes in this row",
-                    )
-                values = dict(zip(header, cells, strict=True))
-                index = to_int(values["index"], what="index", path=path, line=line)
-                if index in seen:
-                    raise DataError(
-                        f"duplicate index {index} (first on line {seen[index]})",
-                        path=path,
-                        line=line,
-                        fix="indexes must be unique",
-                    )
-            except DataError as err:
-                handle(err, skip_bad=skip_bad, report=report)
-                continue
-            seen[index] = line
-            rows.append(_Row(line, index, values))
+    for line, cells in records:
+        try:
+            if len(cells) != len(header):
+                raise DataError(
+                    f"row has {len(cells)} cells but the header has {len(header)}",
+                    path=path,
+                    line=line,
+                    fix="check for unescaped tabs or quotes in this row",
+                )
+            values = dict(zip(header, cells, strict=True))
+            index = to_int(values["index"], what="index", path=path, line=line)
+            if index in seen:
+                raise DataError(
+                    f"duplicate index {index} (first on line {seen[index]})",
+                    path=path,
+                    line=line,
+                    fix="indexes must be unique",
+                )
+        except DataError as err:
+            handle(err, skip_bad=skip_bad, report=report)
+            continue
+        seen[index] = line
+        rows.append(_Row(line, index, values))
     return header, rows
 
 
