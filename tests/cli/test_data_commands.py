@@ -16,7 +16,9 @@ runner = CliRunner()
 
 def test_synth_writes_the_world_and_prints_counts(tmp_path: Path) -> None:
     out = tmp_path / "world"
-    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--num-images", "12", "--seed", "3", "--size", "64"])
+    result = runner.invoke(
+        app, ["data", "synth", "--out", str(out), "--num-images", "12", "--seed", "3", "--size", "64"]
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_images"] == 12 and manifest["config"]["image_size"] == 64
@@ -55,7 +57,9 @@ def test_check_passes_on_the_world_and_reports_broken_items(world_dir: Path, tmp
     (broken / "images" / "blink3pointscenter").mkdir(parents=True)
     q = {"question_id": 0, "image": "0.png", "text": "Which point is the closest to the camera?"}
     (broken / "questions" / "blink_3pointscenter_questions.jsonl").write_text(json.dumps(q) + "\n{not json\n")
-    (broken / "answers" / "blink_3pointscenter_answers.jsonl").write_text(json.dumps({"question_id": 0, "text": "(B)"}) + "\n")
+    (broken / "answers" / "blink_3pointscenter_answers.jsonl").write_text(
+        json.dumps({"question_id": 0, "text": "(B)"}) + "\n"
+    )
     (broken / "images" / "blink3pointscenter" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
     strict = runner.invoke(app, ["data", "check", str(broken), "--format", "hardblink"])
@@ -63,7 +67,9 @@ def test_check_passes_on_the_world_and_reports_broken_items(world_dir: Path, tmp
     assert "blink_3pointscenter_questions.jsonl:2" in strict.output and "--skip-bad" in strict.output
 
     report = tmp_path / "report.json"
-    lenient = runner.invoke(app, ["data", "check", str(broken), "--format", "hardblink", "--skip-bad", "--report", str(report)])
+    lenient = runner.invoke(
+        app, ["data", "check", str(broken), "--format", "hardblink", "--skip-bad", "--report", str(report)]
+    )
     assert lenient.exit_code == 0, lenient.output
     payload = json.loads(report.read_text())
     assert payload["num_skipped"] == 2  # the malformed line, and the undecodable image

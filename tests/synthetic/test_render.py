@@ -78,7 +78,7 @@ def test_occlusion_matches_an_independent_ray_caster() -> None:
     depth, ids = _brute_force_spheres(scene)
     np.testing.assert_array_equal(r.instance_ids, ids)
     np.testing.assert_allclose(r.depth, depth, rtol=1e-5)
-    assert 0 < (ids == 2).sum() and (ids == 1).sum() > (ids == 2).sum()
+    assert (ids == 2).sum() > 0 and (ids == 1).sum() > (ids == 2).sum()
 
 
 def test_scene_sampling_is_deterministic_and_objects_never_intersect() -> None:

@@ -15,7 +15,15 @@ import pytest
 
 from perceptio.data.readers import read_conversations, read_depth_folder, read_hardblink, read_mmbench, read_refer
 from perceptio.data.schema import Task
-from perceptio.data.synthetic import Expression, ObjectFacts, TaskConfig, WorldConfig, generate_world, render_world_scene, resolve
+from perceptio.data.synthetic import (
+    Expression,
+    ObjectFacts,
+    TaskConfig,
+    WorldConfig,
+    generate_world,
+    render_world_scene,
+    resolve,
+)
 
 
 def _scenes(world: Path) -> list[dict]:
@@ -24,11 +32,18 @@ def _scenes(world: Path) -> list[dict]:
 
 def _facts(scene: dict) -> list[ObjectFacts]:
     keys = ObjectFacts.__dataclass_fields__
-    return [ObjectFacts(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in o.items() if k in keys}) for o in scene["objects"]]
+    return [
+        ObjectFacts(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in o.items() if k in keys})
+        for o in scene["objects"]
+    ]
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path: Path, world_dir: Path) -> None:
@@ -47,7 +62,9 @@ def test_every_expression_resolves_to_exactly_its_target(world_dir: Path) -> Non
             for payload in obj["expressions"]:
                 expr = Expression.from_dict(payload)
                 assert expr.text() == payload["text"]
-                assert resolve(expr, facts, scene["camera"]["image_size"], config) == [obj["object_id"]], payload["text"]
+                assert resolve(expr, facts, scene["camera"]["image_size"], config) == [obj["object_id"]], payload[
+                    "text"
+                ]
                 checked += 1
     assert checked > 100
 
@@ -75,7 +92,9 @@ def test_ambiguous_expressions_are_rejected() -> None:
     assert resolve(closest, objects, 128, config) is None
     # a red sphere almost straight above the anchor is neither left nor right of it
     objects = [facts(1, "red", 61, 5.0), facts(2, "red", 10, 7.0), facts(3, "blue", 60, 4.0)]
-    left = Expression.from_dict({"kind": "relation", "descriptor": {"color": "red"}, "relation": "left_of", "anchor": {"color": "blue"}})
+    left = Expression.from_dict(
+        {"kind": "relation", "descriptor": {"color": "red"}, "relation": "left_of", "anchor": {"color": "blue"}}
+    )
     assert resolve(left, objects, 128, config) is None
     objects[0] = facts(1, "red", 100, 5.0)
     assert resolve(left, objects, 128, config) == [2]
@@ -120,10 +139,14 @@ def test_vqa_answers_match_the_scene(world_dir: Path) -> None:
     for s in read_conversations(world_dir / "vqa" / "train.json", image_root=world_dir / "images", split="train"):
         scene = scenes[s.image.path.name]
         question = s.query.replace("<image>", "").strip()
-        if m := re.fullmatch(r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question):
+        if m := re.fullmatch(
+            r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question
+        ):
             size, color, shape = m.groups()
             expected = sum(
-                (size is None or o["size"] == size) and (color is None or o["color"] == color) and (shape in ("object", o["shape"]))
+                (size is None or o["size"] == size)
+                and (color is None or o["color"] == color)
+                and (shape in ("object", o["shape"]))
                 for o in scene["objects"]
             )
             assert s.answer == str(expected), question
@@ -171,8 +194,15 @@ def test_splits_are_disjoint_by_image_and_readers_see_every_item(world_dir: Path
         with (world_dir / "mmbench" / f"{split}.tsv").open() as handle:
             files = {row["comment"] for row in csv.DictReader(handle, delimiter="\t")}
         assert files <= images[split]
-    assert not (images["train"] & images["val"]) and not (images["train"] & images["test"]) and not (images["val"] & images["test"])
-    refs = {split: read_refer(world_dir, "refcoco", split=split, image_root=world_dir / "images") for split in ("train", "val", "testA", "testB")}
+    assert (
+        not (images["train"] & images["val"])
+        and not (images["train"] & images["test"])
+        and not (images["val"] & images["test"])
+    )
+    refs = {
+        split: read_refer(world_dir, "refcoco", split=split, image_root=world_dir / "images")
+        for split in ("train", "val", "testA", "testB")
+    }
     assert sum(len(v) for v in refs.values()) == sum(counts["referring_expressions"].values())
     assert {s.image.path.name for s in refs["val"]} <= images["val"]
     assert {s.image.path.name for s in refs["testA"] + refs["testB"]} <= images["test"]

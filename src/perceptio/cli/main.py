@@ -11,7 +11,9 @@ import typer
 
 from perceptio import __version__
 
-app = typer.Typer(name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False
+)
 data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -26,7 +28,11 @@ def _fail(message: str) -> None:
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
-        typer.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        typer.echo(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if k == 0:
             typer.echo("  ".join("-" * w for w in widths))
 
@@ -43,7 +49,10 @@ def print_world_summary(summary) -> None:  # noqa: ANN001 - WorldSummary, import
     row("objects", [summary.objects[s] for s in splits])
     ref = summary.referring_expressions
     row("referring expressions", [ref["train"], ref["val"], ref["testA"] + ref["testB"]])
-    counts = sorted({int(k.split("/")[1][:-2]) for k in summary.relative_depth} | {int(k.split("/")[1][:-2]) for k in summary.relative_depth_skipped})
+    counts = sorted(
+        {int(k.split("/")[1][:-2]) for k in summary.relative_depth}
+        | {int(k.split("/")[1][:-2]) for k in summary.relative_depth_skipped}
+    )
     for n in counts:
         row(f"relative depth, {n} points", [summary.relative_depth[f"{s}/{n}pt"] for s in splits])
     row("VQA questions", [summary.vqa[s] for s in splits])
@@ -51,8 +60,10 @@ def print_world_summary(summary) -> None:  # noqa: ANN001 - WorldSummary, import
     _print_table(rows)
     skipped = sum(summary.relative_depth_skipped.values())
     if skipped:
-        typer.echo(f"{skipped} image(s) had no mid-height points with clear depth gaps for their marker question: "
-                   f"{dict(summary.relative_depth_skipped)}")
+        typer.echo(
+            f"{skipped} image(s) had no mid-height points with clear depth gaps for their marker question: "
+            f"{dict(summary.relative_depth_skipped)}"
+        )
 
 
 @app.callback()
@@ -71,15 +82,23 @@ def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     num_images: Annotated[int, typer.Option(min=1, help="Number of images (scenes).")] = 1000,
     seed: Annotated[int, typer.Option(help="World seed; same seed and options give identical files.")] = 0,
-    size: Annotated[int, typer.Option(min=32, help="Image side in pixels (128 default; 64 for the tiny preset).")] = 128,
-    noise: Annotated[bool, typer.Option("--noise/--no-noise", help="Add faint sensor noise to the RGB images.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output folder.")] = False,
+    size: Annotated[
+        int, typer.Option(min=32, help="Image side in pixels (128 default; 64 for the tiny preset).")
+    ] = 128,
+    noise: Annotated[
+        bool, typer.Option("--noise/--no-noise", help="Add faint sensor noise to the RGB images.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output folder.")
+    ] = False,
 ) -> None:
     """Render the synthetic spatial world and write it in the real formats (RefCOCO, HardBLINK, MMBench, ...)."""
     from perceptio.data.synthetic import WorldConfig, generate_world
 
     try:
-        summary = generate_world(out, num_images=num_images, seed=seed, config=WorldConfig(image_size=size, noise=noise), overwrite=overwrite)
+        summary = generate_world(
+            out, num_images=num_images, seed=seed, config=WorldConfig(image_size=size, noise=noise), overwrite=overwrite
+        )
     except (FileExistsError, ValueError) as err:
         _fail(str(err))
     typer.echo(f"wrote {out} in {summary.seconds:.1f} s")
@@ -113,7 +132,9 @@ def data_check(
     split: Annotated[str | None, typer.Option(help="Split to check (refcoco: train/val/testA/testB/test).")] = None,
     dataset: Annotated[str, typer.Option(help="refcoco only: refcoco, refcoco+ or refcocog.")] = "refcoco",
     image_root: Annotated[Path | None, typer.Option(help="Image folder (refcoco, conversation, depth).")] = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad/--no-skip-bad", help="Record bad items in a report and go on.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad/--no-skip-bad", help="Record bad items in a report and go on.")
+    ] = False,
     report: Annotated[Path | None, typer.Option(help="Where to write the skipped-items report (JSON).")] = None,
 ) -> None:
     """Read a dataset and decode every image, mask and depth map, reporting anything broken."""
@@ -168,7 +189,11 @@ def quickstart(
 
     world = out / "world"
     manifest = world / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("num_images") == num_images and json.loads(manifest.read_text()).get("seed") == seed:
+    if (
+        manifest.is_file()
+        and json.loads(manifest.read_text()).get("num_images") == num_images
+        and json.loads(manifest.read_text()).get("seed") == seed
+    ):
         typer.echo(f"[1/2] synthetic world: reusing {world}")
         counts = json.loads(manifest.read_text())["counts"]
         from collections import Counter

@@ -10,7 +10,16 @@ __all__ = ["colorize_depth", "overlay_masks", "text_panel"]
 # Anchor colours of a perceptually ordered dark-to-bright map (purple -> orange -> pale yellow), interpolated
 # linearly; enough for looking at depth, no plotting library needed.
 _ANCHORS = np.array(
-    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]],
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
     dtype=np.float64,
 )
 

@@ -3,7 +3,14 @@
 from perceptio.data.synthetic.render import Rendering, render_scene
 from perceptio.data.synthetic.scene import COLORS, SHAPES, SIZES, Camera, Scene, SceneConfig, SceneObject, sample_scene
 from perceptio.data.synthetic.tasks import Descriptor, Expression, MarkerStyle, ObjectFacts, TaskConfig, resolve
-from perceptio.data.synthetic.world import SPLITS, WorldConfig, WorldScene, WorldSummary, generate_world, render_world_scene
+from perceptio.data.synthetic.world import (
+    SPLITS,
+    WorldConfig,
+    WorldScene,
+    WorldSummary,
+    generate_world,
+    render_world_scene,
+)
 
 __all__ = [
     "COLORS",

@@ -1,8 +1,9 @@
 """A small vectorised ray caster for :class:`~perceptio.data.synthetic.scene.Scene`.
 
 One primary ray per pixel centre, exact ray/solid intersections, a z-buffer over the ground and every object,
-and Lambert shading under one directional light plus ambient light, and cast shadows (one shadow ray per pixel). No anti-aliasing: every pixel belongs to
-exactly one surface, so the RGB image, the depth map and the instance masks agree pixel for pixel.
+Lambert shading under one directional light plus ambient light, and cast shadows (one shadow ray per pixel).
+No anti-aliasing: every pixel belongs to exactly one surface, so the RGB image, the depth map and the
+instance masks agree pixel for pixel.
 """
 
 from __future__ import annotations

@@ -255,7 +255,8 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig, image_size: int,
         if not (margin <= u <= image_size - margin and margin <= v <= image_size - margin):
             continue  # the centre must be in view, so that every object can be pointed at and named
         if all(
-            math.hypot(cx - o.center[0], cz - o.center[2]) >= candidate.footprint_radius + o.footprint_radius + config.min_gap
+            math.hypot(cx - o.center[0], cz - o.center[2])
+            >= candidate.footprint_radius + o.footprint_radius + config.min_gap
             for o in objects
         ):
             objects.append(candidate)

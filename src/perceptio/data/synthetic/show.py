@@ -42,7 +42,11 @@ def contact_sheet(world_dir: str | Path, *, n: int = 16, split: str = "val", col
     if split not in _REFCOCO_SPLITS:
         raise DataError(f"unknown split {split!r}", path=root, fix=f"use one of {sorted(_REFCOCO_SPLITS)}")
     if not (root / "manifest.json").is_file():
-        raise DataError("not a synthetic world folder (no manifest.json)", path=root, fix="run `perceptio data synth --out DIR` first")
+        raise DataError(
+            "not a synthetic world folder (no manifest.json)",
+            path=root,
+            fix="run `perceptio data synth --out DIR` first",
+        )
 
     refs: dict[str, list[Sample]] = defaultdict(list)
     for refcoco_split in _REFCOCO_SPLITS[split]:

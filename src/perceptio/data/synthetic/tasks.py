@@ -86,11 +86,18 @@ def measure_objects(scene: Scene, rendering: Rendering) -> list[ObjectFacts]:
         rows, cols = np.nonzero(rendering.instance_ids == obj.object_id)
         if len(rows):
             centroid = (float(cols.mean() + 0.5), float(rows.mean() + 0.5))
-            bbox = (int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+            bbox = (
+                int(cols.min()),
+                int(rows.min()),
+                int(cols.max() - cols.min() + 1),
+                int(rows.max() - rows.min() + 1),
+            )
         else:
             centroid, bbox = (float("nan"), float("nan")), (0, 0, 0, 0)
         depth = float(scene.camera.world_to_camera(np.asarray(obj.center))[2])
-        facts.append(ObjectFacts(obj.object_id, obj.shape, obj.color, obj.size, obj.raised, depth, centroid, len(rows), bbox))
+        facts.append(
+            ObjectFacts(obj.object_id, obj.shape, obj.color, obj.size, obj.raised, depth, centroid, len(rows), bbox)
+        )
     return facts
 
 
@@ -106,7 +113,10 @@ class Descriptor:
     shape: str | None = None
 
     def matches(self, obj: ObjectFacts) -> bool:
-        return all(v is None or v == getattr(obj, k) for k, v in (("size", self.size), ("color", self.color), ("shape", self.shape)))
+        return all(
+            v is None or v == getattr(obj, k)
+            for k, v in (("size", self.size), ("color", self.color), ("shape", self.shape))
+        )
 
     def phrase(self, *, plural: bool = False) -> str:
         noun = self.shape or "object"
@@ -206,7 +216,11 @@ def referring_expressions(
         return resolve(expr, objects, image_size, config) == [target.object_id]
 
     by_kind: dict[str, list[Expression]] = {"attribute": [], "relation": [], "extreme": []}
-    attribute = [Expression("attribute", d) for d in Descriptor.all_for(target) if d.num_attributes and unique(Expression("attribute", d))]
+    attribute = [
+        Expression("attribute", d)
+        for d in Descriptor.all_for(target)
+        if d.num_attributes and unique(Expression("attribute", d))
+    ]
     if attribute:  # keep the shortest ones: "the red cube" rather than "the large red cube" when both work
         fewest = min(e.descriptor.num_attributes for e in attribute)
         by_kind["attribute"] = [e for e in attribute if e.descriptor.num_attributes == fewest]
@@ -333,7 +347,9 @@ def relative_depth_question(
     return None
 
 
-def draw_markers(rgb: np.ndarray, points: list[tuple[str, float, float]], style: MarkerStyle | None = None) -> Image.Image:
+def draw_markers(
+    rgb: np.ndarray, points: list[tuple[str, float, float]], style: MarkerStyle | None = None
+) -> Image.Image:
     """Draw HardBLINK-style lettered rings on a copy of ``rgb`` (H, W, 3) uint8."""
     style = style or MarkerStyle()
     image = Image.fromarray(rgb)
@@ -361,7 +377,9 @@ class VQAItem:
     options: tuple[str, ...]
 
 
-def vqa_items(objects: list[ObjectFacts], image_size: int, config: TaskConfig, rng: np.random.Generator) -> list[VQAItem]:
+def vqa_items(
+    objects: list[ObjectFacts], image_size: int, config: TaskConfig, rng: np.random.Generator
+) -> list[VQAItem]:
     """One colour, shape, count and left/right question per scene where the scene allows it."""
     items: list[VQAItem] = []
     order = [objects[i] for i in rng.permutation(len(objects))]

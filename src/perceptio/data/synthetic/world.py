@@ -77,8 +77,14 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
-        if len(self.split_fractions) != 3 or any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
+        if (
+            len(self.split_fractions) != 3
+            or any(f < 0 for f in self.split_fractions)
+            or abs(sum(self.split_fractions) - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
+            )
         if not self.marker_counts or any(not 2 <= k <= 26 for k in self.marker_counts):
             raise ValueError(f"marker_counts must be point counts between 2 and 26, got {self.marker_counts}")
 
@@ -99,7 +105,11 @@ class WorldSummary:
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, which a Counter would count.
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Counter) else v) for f in fields(self) if f.name != "out_dir"}
+        return {
+            f.name: (dict(v) if isinstance(v := getattr(self, f.name), Counter) else v)
+            for f in fields(self)
+            if f.name != "out_dir"
+        }
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,9 @@ def render_world_scene(seed: int, index: int, config: WorldConfig, *, max_tries:
         facts = measure_objects(scene, rendering)
         if all(f.visible_pixels >= min_pixels for f in facts):
             return WorldScene(index, scene, rendering, facts)
-    raise RuntimeError(f"scene {index}: no arrangement with every object visible in {max_tries} tries; relax SceneConfig")
+    raise RuntimeError(
+        f"scene {index}: no arrangement with every object visible in {max_tries} tries; relax SceneConfig"
+    )
 
 
 def _assign_splits(num_images: int, seed: int, fractions: tuple[float, float, float]) -> list[str]:
@@ -200,7 +212,24 @@ class _Writers:
         if split not in self.mcq:
             handle = (self.root / "mmbench" / f"{split}.tsv").open("w", newline="")
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split", "source", "comment", "image"])
+            writer.writerow(
+                [
+                    "index",
+                    "question",
+                    "hint",
+                    "A",
+                    "B",
+                    "C",
+                    "D",
+                    "answer",
+                    "category",
+                    "l2-category",
+                    "split",
+                    "source",
+                    "comment",
+                    "image",
+                ]
+            )
             self.mcq[split] = (handle, writer)
         return self.mcq[split][1]
 
@@ -226,7 +255,12 @@ class _Writers:
             handle.close()
 
 
-_L2 = {"color": "attribute_recognition", "shape": "attribute_recognition", "count": "counting", "spatial": "spatial_relation"}
+_L2 = {
+    "color": "attribute_recognition",
+    "shape": "attribute_recognition",
+    "count": "counting",
+    "spatial": "spatial_relation",
+}
 
 
 def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSummary, rng: np.random.Generator) -> None:
@@ -260,14 +294,23 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
             }
         )
         expressions = referring_expressions(facts, record.facts, n, config.tasks, rng)
-        scene_objects.append({**obj.to_dict(), **facts.to_dict(), "ann_id": ann_id, "expressions": [e.to_dict() | {"text": e.text()} for e in expressions]})
+        scene_objects.append(
+            {
+                **obj.to_dict(),
+                **facts.to_dict(),
+                "ann_id": ann_id,
+                "expressions": [e.to_dict() | {"text": e.text()} for e in expressions],
+            }
+        )
         if not expressions:
             continue
         ref_id = len(w.refs)
         sentences = []
         for k, expr in enumerate(expressions):
             sent = expr.text()
-            sentences.append({"sent_id": ref_id * 10 + k, "sent": sent, "raw": sent[0].upper() + sent[1:], "tokens": sent.split()})
+            sentences.append(
+                {"sent_id": ref_id * 10 + k, "sent": sent, "raw": sent[0].upper() + sent[1:], "tokens": sent.split()}
+            )
         w.refs.append(
             {
                 "ref_id": ref_id,
@@ -309,12 +352,27 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
         marked = draw_markers(record.rendering.rgb, question.points, config.markers)
         image_dir = w.root / "hardblink" / split / "images" / f"blink{num_points}pointscenter"
         (image_dir / f"{qid}.png").write_bytes(_png_bytes(marked))
-        points = [{"label": lab, "x": x, "y": y, "depth": d} for (lab, x, y), d in zip(question.points, question.depths, strict=True)]
+        points = [
+            {"label": lab, "x": x, "y": y, "depth": d}
+            for (lab, x, y), d in zip(question.points, question.depths, strict=True)
+        ]
         questions.write(
-            json.dumps({"question_id": qid, "image": f"{qid}.png", "text": question.question, "category": "relative_depth", "points": points, "scene_id": record.index, "source_image": file_name})
+            json.dumps(
+                {
+                    "question_id": qid,
+                    "image": f"{qid}.png",
+                    "text": question.question,
+                    "category": "relative_depth",
+                    "points": points,
+                    "scene_id": record.index,
+                    "source_image": file_name,
+                }
+            )
             + "\n"
         )
-        answers.write(json.dumps({"question_id": qid, "text": f"({question.answer})", "category": "relative_depth"}) + "\n")
+        answers.write(
+            json.dumps({"question_id": qid, "text": f"({question.answer})", "category": "relative_depth"}) + "\n"
+        )
         summary.relative_depth[f"{split}/{num_points}pt"] += 1
 
     # General VQA: short answers as LLaVA conversations, and the same questions as circular multiple choice.
@@ -326,7 +384,10 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
                 "image": file_name,
                 "task": "vqa",
                 "category": item.category,
-                "conversations": [{"from": "human", "value": f"<image>\n{item.question}"}, {"from": "gpt", "value": item.answer}],
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{item.question}"},
+                    {"from": "gpt", "value": item.answer},
+                ],
             }
         )
         summary.vqa[split] += 1
@@ -345,12 +406,32 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
                 image_cell = image_ref  # VLMEvalKit convention: a short cell names the row whose image is reused
             cells = rotated + [""] * (4 - len(rotated))
             answer = "ABCD"[rotated.index(item.answer)]
-            writer.writerow([index, item.question, "", *cells, answer, item.category, _L2[item.category], split, "perceptio-synthetic", file_name, image_cell])
+            writer.writerow(
+                [
+                    index,
+                    item.question,
+                    "",
+                    *cells,
+                    answer,
+                    item.category,
+                    _L2[item.category],
+                    split,
+                    "perceptio-synthetic",
+                    file_name,
+                    image_cell,
+                ]
+            )
             summary.mcq_rows[split] += 1
 
 
 def generate_world(
-    out_dir: str | Path, *, num_images: int, seed: int = 0, config: WorldConfig | None = None, overwrite: bool = False, progress: bool = True
+    out_dir: str | Path,
+    *,
+    num_images: int,
+    seed: int = 0,
+    config: WorldConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> WorldSummary:
     """Render ``num_images`` scenes and write every format into ``out_dir``.
 
