@@ -1,0 +1,200 @@
+"""How well a depth tokenizer keeps depth: reconstruction metrics, closest-point accuracy, codebook use.
+
+Every teacher map is encoded and decoded, and the decoded map is compared with the teacher map:
+
+* AbsRel, RMSE and delta < 1.25 in **metric depth** when the teacher is metric (both maps are mapped back with
+  the teacher map's own inverse-depth range), otherwise in the teacher's **relative inverse depth** (AbsRel and
+  delta over pixels where it is positive); ``space`` in the results says which;
+* ``rmse_normalized``: RMSE of the normalised [0, 1] maps themselves;
+* closest-point accuracy for 2, 3, 4 and 5 points (AURORA's "VQ-VAE upper bound"): points are drawn on the
+  teacher map with the synthetic world's marker rule (in the mid-height band of rows 35-65 %, as HardBLINK's
+  markers, so that "lower in the image is nearer" does not answer the question; the closest at least 15 %
+  nearer in inverse depth than the next, any two at least 5 % apart and 10 % of the width apart); the decoded
+  map answers correctly when its largest value at the points is at the teacher's closest point;
+* codebook usage (share of codes used at least once) and perplexity of the code histogram.
+
+The same metrics are computed for a baseline that predicts the mean training map for every image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from perceptio.tokenizers.depth.model import DepthTokenizer
+from perceptio.tokenizers.depth.normalize import denormalize_depth
+from perceptio.tokenizers.depth.teachers import TeacherMap
+from perceptio.utils.viz import colorize_depth, text_panel
+
+__all__ = ["PointRule", "closest_point_sets", "depth_metrics", "evaluate_tokenizer", "reconstruction_grid"]
+
+
+@dataclass(frozen=True)
+class PointRule:
+    """How closest-point test sets are drawn (the synthetic world's marker margins)."""
+
+    band: tuple[float, float] = (0.35, 0.65)
+    closest_gap: float = 0.15
+    min_gap: float = 0.05
+    min_distance: float = 0.1
+    sets_per_image: int = 4
+    tries: int = 200
+
+
+def closest_point_sets(
+    inverse: np.ndarray, num_points: int, rule: PointRule, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Up to ``rule.sets_per_image`` sets of (row, col) points (num_points, 2) on an inverse-depth map (H, W)."""
+    h, w = inverse.shape
+    min_dist2 = (rule.min_distance * w) ** 2
+    sets = []
+    for _ in range(rule.tries):
+        if len(sets) == rule.sets_per_image:
+            break
+        rows = rng.integers(max(2, int(rule.band[0] * h)), min(h - 2, int(rule.band[1] * h)) + 1, size=num_points)
+        cols = rng.integers(2, w - 2, size=num_points)
+        values = inverse[rows, cols]
+        if (values <= 0).any():
+            continue
+        d2 = (
+            (rows[:, None] - rows[None]) ** 2
+            + (cols[:, None] - cols[None]) ** 2
+            + np.eye(num_points, dtype=int) * 10**9
+        )
+        if d2.min() < min_dist2:
+            continue
+        ordered = np.sort(values)[::-1]  # nearest first
+        if ordered[0] < ordered[1] * (1 + rule.closest_gap) or np.any(ordered[:-1] < ordered[1:] * (1 + rule.min_gap)):
+            continue
+        sets.append(np.stack([rows, cols], axis=1))
+    return sets
+
+
+def depth_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """AbsRel, RMSE and delta < 1.25 over pixels where the target is positive and finite."""
+    ok = np.isfinite(target) & (target > 0) & np.isfinite(prediction) & (prediction > 0)
+    p, t = prediction[ok].astype(np.float64), target[ok].astype(np.float64)
+    if p.size == 0:
+        return {"abs_rel": float("nan"), "rmse": float("nan"), "delta1": float("nan")}
+    return {
+        "abs_rel": float(np.mean(np.abs(p - t) / t)),
+        "rmse": float(np.sqrt(np.mean((p - t) ** 2))),
+        "delta1": float(np.mean(np.maximum(p / t, t / p) < 1.25)),
+    }
+
+
+class _Accumulator:
+    def __init__(self, point_counts: Sequence[int]) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.rmse_norm: list[float] = []
+        self.correct = {n: 0 for n in point_counts}
+        self.total = {n: 0 for n in point_counts}
+
+    def add(self, decoded: np.ndarray, teacher: TeacherMap, point_sets: dict[int, list[np.ndarray]]) -> None:
+        quantity = "depth" if teacher.metric else "inverse_depth"
+        self.metrics.append(
+            depth_metrics(
+                denormalize_depth(decoded, teacher.stats, quantity=quantity),
+                denormalize_depth(teacher.depth, teacher.stats, quantity=quantity),
+            )
+        )
+        self.rmse_norm.append(float(np.sqrt(np.mean((decoded - teacher.depth) ** 2))))
+        for n, sets in point_sets.items():
+            for points in sets:
+                truth = np.argmax(teacher.depth[points[:, 0], points[:, 1]])
+                guess = np.argmax(decoded[points[:, 0], points[:, 1]])
+                self.correct[n] += int(truth == guess)
+                self.total[n] += 1
+
+    def result(self) -> dict[str, object]:
+        keys = ("abs_rel", "rmse", "delta1")
+        out: dict[str, object] = {k: float(np.nanmean([m[k] for m in self.metrics])) for k in keys}
+        out["rmse_normalized"] = float(np.mean(self.rmse_norm))
+        out["closest_point_accuracy"] = {
+            str(n): (self.correct[n] / self.total[n] if self.total[n] else None) for n in self.correct
+        }
+        out["closest_point_sets"] = {str(n): self.total[n] for n in self.total}
+        return out
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tokenizer: DepthTokenizer,
+    maps: Sequence[TeacherMap],
+    *,
+    mean_map: np.ndarray | None = None,
+    point_counts: Sequence[int] = (2, 3, 4, 5),
+    rule: PointRule | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, object]:
+    """Encode/decode every teacher map and measure what is kept (see the module docstring).
+
+    Args:
+        tokenizer: the tokenizer (put in eval mode here).
+        maps: teacher maps at the tokenizer's input size.
+        mean_map: (S, S) mean training map for the baseline; None skips the baseline.
+        point_counts: point counts of the closest-point test.
+        rule: how point sets are drawn.
+        seed: seed of the point sets (the same sets are used for the tokenizer and the baseline).
+        batch_size: maps per encode/decode call.
+
+    Returns:
+        ``{"tokenizer": {...}, "mean_map_baseline": {...}, "codebook": {...}, "num_maps", "space"}``.
+    """
+    tokenizer.eval()
+    rule = rule or PointRule()
+    rng = np.random.default_rng(seed)
+    ours, baseline = _Accumulator(point_counts), _Accumulator(point_counts)
+    histogram = np.zeros(tokenizer.config.num_codes, dtype=np.int64)
+    for start in range(0, len(maps), batch_size):
+        chunk = maps[start : start + batch_size]
+        depth = torch.from_numpy(np.stack([m.depth for m in chunk]))
+        codes = tokenizer.encode(depth)
+        decoded = tokenizer.decode(codes).cpu().numpy()
+        histogram += np.bincount(codes.reshape(-1).cpu().numpy(), minlength=tokenizer.config.num_codes)
+        for k, teacher in enumerate(chunk):
+            inverse = denormalize_depth(teacher.depth, teacher.stats, quantity="inverse_depth")
+            point_sets = {n: closest_point_sets(inverse, n, rule, rng) for n in point_counts}
+            ours.add(decoded[k], teacher, point_sets)
+            if mean_map is not None:
+                baseline.add(mean_map, teacher, point_sets)
+    probs = histogram / max(1, histogram.sum())
+    nonzero = probs[probs > 0]
+    result: dict[str, object] = {
+        "num_maps": len(maps),
+        "space": "metric_depth" if all(m.metric for m in maps) else "relative_inverse_depth",
+        "tokenizer": ours.result(),
+        "codebook": {
+            "usage": float((histogram > 0).mean()),
+            "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+            "num_codes": tokenizer.config.num_codes,
+        },
+    }
+    if mean_map is not None:
+        result["mean_map_baseline"] = baseline.result()
+    return result
+
+
+@torch.no_grad()
+def reconstruction_grid(tokenizer: DepthTokenizer, maps: Sequence[TeacherMap], *, n: int = 8) -> Image.Image:
+    """Teacher map next to its decoded reconstruction for the first ``n`` maps (one row each)."""
+    chosen = list(maps[:n])
+    decoded = tokenizer.decode(tokenizer.encode(torch.from_numpy(np.stack([m.depth for m in chosen])))).cpu().numpy()
+    size = max(128, tokenizer.config.input_size)
+    tiles = []
+    for teacher, recon in zip(chosen, decoded, strict=True):
+        pair = Image.new("RGB", (2 * size + 4, size), (255, 255, 255))
+        pair.paste(colorize_depth(teacher.depth, inverse=False).resize((size, size), Image.NEAREST), (0, 0))
+        pair.paste(colorize_depth(recon, inverse=False).resize((size, size), Image.NEAREST), (size + 4, 0))
+        tiles.append(pair)
+    labels = text_panel(["teacher (left) / decoded (right), bright = near"], 2 * size + 4)
+    grid = Image.new("RGB", (2 * size + 4, labels.height + len(tiles) * (size + 4)), (255, 255, 255))
+    grid.paste(labels, (0, 0))
+    for k, tile in enumerate(tiles):
+        grid.paste(tile, (0, labels.height + k * (size + 4)))
+    return grid
