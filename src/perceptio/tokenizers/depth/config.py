@@ -27,7 +27,7 @@ class DepthTokenizerConfig:
     code_dim: int = 512
     """Dimension of a codebook vector."""
     num_codes: int = 128
-    """K, the number of codes (depth tokens <DEPTH_0> .. <DEPTH_{K-1}>)."""
+    """K, the number of codes (one depth token each, see perceptio.vocab)."""
     ema_decay: float = 0.99
     """Decay of the exponential moving averages that update the codebook."""
     commitment_weight: float = 0.25

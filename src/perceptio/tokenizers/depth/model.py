@@ -226,8 +226,9 @@ class DepthTokenizer(nn.Module):
         latent = self.encoder(depth.unsqueeze(1) * 2 - 1)
         return self.quantizer(latent, update=False).codes
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Codes (B, h, w) -> depth (B, H, W) in [0, 1] (differentiable in the decoder's weights)."""
+        """Codes (B, h, w) -> depth (B, H, W) in [0, 1]. Inference only; :meth:`decode_soft` is differentiable."""
         return self._decode_latent(self.quantizer.lookup(self._check_codes(codes)))
 
     def decode_soft(
@@ -260,7 +261,7 @@ class DepthTokenizer(nn.Module):
         return self._decode_latent(self.quantizer.soft_lookup(weights))
 
     def codes_to_text(self, codes: torch.Tensor | np.ndarray) -> str:
-        """One code grid (h, w) -> ``<DEPTH_START><DEPTH_k>...<DEPTH_END>``."""
+        """One code grid (h, w) -> its depth span text (start marker, h * w code tokens, end marker)."""
         array = np.asarray(torch.as_tensor(codes).cpu())
         if array.ndim == 3 and array.shape[0] == 1:
             array = array[0]

@@ -231,20 +231,23 @@ def train_tokenizer(
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(train_config, step)
             output = model(batch)
+            if not torch.isfinite(output.loss):  # stop before the bad step touches the weights
+                raise FloatingPointError(
+                    f"non-finite tokenizer loss at step {step}; lower the learning rate. "
+                    f"The last good checkpoint is {latest_checkpoint(out_dir)} (continue with --resume)."
+                )
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
-            if not torch.isfinite(output.loss):
-                raise FloatingPointError(f"non-finite tokenizer loss at step {step}; lower the learning rate")
             window += np.bincount(output.codes.reshape(-1).numpy(), minlength=model_config.num_codes)
             done = step + 1
             if done % train_config.log_every == 0 or done == train_config.steps:
                 usage = float((window > 0).mean())
                 entry = {
                     "step": done,
-                    "loss": float(output.loss),
-                    "reconstruction": float(output.reconstruction_loss),
-                    "commitment": float(output.commitment_loss),
+                    "loss": output.loss.item(),
+                    "reconstruction": output.reconstruction_loss.item(),
+                    "commitment": output.commitment_loss.item(),
                     "codebook_usage": usage,
                     "lr": _lr_at(train_config, step),
                 }
