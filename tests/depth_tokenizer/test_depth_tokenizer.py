@@ -53,7 +53,7 @@ def test_encode_decode_shapes_and_ranges() -> None:
     tok = DepthTokenizer(SMALL).eval()
     codes = tok.encode(_maps(3))
     assert codes.shape == (3, 8, 8) and codes.dtype == torch.long
-    assert 0 <= int(codes.min()) and int(codes.max()) < 16
+    assert int(codes.min()) >= 0 and int(codes.max()) < 16
     depth = tok.decode(codes).detach()
     assert depth.shape == (3, 32, 32) and float(depth.min()) >= 0 and float(depth.max()) <= 1
 
@@ -179,7 +179,7 @@ def test_normalisation_conventions_and_errors() -> None:
     tok = DepthTokenizer(SMALL)
     raw = np.random.default_rng(0).uniform(1, 9, size=(50, 70))
     prepared = tok.prepare([raw])
-    assert prepared.shape == (1, 32, 32) and 0.0 <= float(prepared.min()) and float(prepared.max()) <= 1.0
+    assert prepared.shape == (1, 32, 32) and float(prepared.min()) >= 0.0 and float(prepared.max()) <= 1.0
     same_size = np.random.default_rng(1).uniform(1, 9, size=(32, 32))
     np.testing.assert_array_equal(tok.prepare(same_size)[0].numpy(), normalize_depth(same_size)[0])
 
