@@ -28,6 +28,7 @@ quickstart: setup
 
 bench: setup
 	$(BIN)/python bench/render.py
+	$(BIN)/python bench/depth_tokenizer.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
