@@ -167,9 +167,5 @@ class PerceptionVocab:
         raise DepthSpanError(f"unexpected text {shown!r} at character {offset + gap.index(stripped[0])} ({where})")
 
     @property
-    def _last_code(self) -> int:
-        return self.num_depth_codes - 1
-
-    @property
     def _grid_text(self) -> str:
         return f"{self.depth_grid[0]}x{self.depth_grid[1]}"

@@ -77,9 +77,17 @@ def test_check_passes_on_the_world_and_reports_broken_items(world_dir: Path, tmp
     assert any("questions.jsonl:2" in loc for loc in locations) and any("0.png" in loc for loc in locations)
 
 
-def test_check_rejects_an_unknown_format(tmp_path: Path) -> None:
+def test_check_rejects_an_unknown_format_and_options_the_format_does_not_take(world_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "check", str(tmp_path), "--format", "coco"])
     assert result.exit_code == 2 and "unknown --format 'coco'" in result.output
+    tsv = world_dir / "mmbench" / "val.tsv"
+    result = runner.invoke(app, ["data", "check", str(tsv), "--format", "mmbench", "--split", "val"])
+    assert result.exit_code == 2 and "--format mmbench does not take --split" in result.output
+    result = runner.invoke(app, ["data", "check", str(tsv), "--format", "mmbench"])
+    assert result.exit_code == 0 and "0 bad item(s)" in result.output
+    depth = ["data", "check", str(world_dir / "depth" / "val"), "--format", "depth", "--image-root", str(world_dir / "images")]
+    result = runner.invoke(app, depth)
+    assert result.exit_code == 0, result.output
 
 
 def test_quickstart_runs_and_reuses_the_world(tmp_path: Path) -> None:

@@ -69,16 +69,33 @@ def test_every_expression_resolves_to_exactly_its_target(world_dir: Path) -> Non
     assert checked > 100
 
 
-def test_attribute_expressions_are_unique_by_a_plain_reading_of_the_words(world_dir: Path) -> None:
-    """Independent of `resolve`: the words of an attribute expression must match exactly one object."""
+def _by_words(phrase: str, objects: list[dict]) -> list[dict]:
+    """Objects whose attributes include every word of a noun phrase ("the small red object")."""
+    words = set(phrase.split()) - {"the", "object"}
+    return [o for o in objects if words <= {o["size"], o["color"], o["shape"]}]
+
+
+def test_expressions_are_unique_by_a_plain_reading_of_the_words(world_dir: Path) -> None:
+    """Independent of `resolve`: re-read each expression's words against the scene's facts."""
+    kinds = set()
     for scene in _scenes(world_dir):
-        for obj in scene["objects"]:
+        objects = scene["objects"]
+        for obj in objects:
             for payload in obj["expressions"]:
-                if payload["kind"] != "attribute":
-                    continue
-                words = set(payload["text"].split()) - {"the", "object"}
-                matching = [o for o in scene["objects"] if words <= {o["size"], o["color"], o["shape"]}]
-                assert [o["object_id"] for o in matching] == [obj["object_id"]], payload["text"]
+                text, kinds_seen = payload["text"], payload["kind"]
+                if m := re.fullmatch(r"(the .+?) to the (left|right) of (the .+)", text):
+                    (anchor,) = _by_words(m.group(3), objects)
+                    candidates = [o for o in _by_words(m.group(1), objects) if o is not anchor]
+                    side = [o for o in candidates if (o["centroid"][0] < anchor["centroid"][0]) == (m.group(2) == "left")]
+                    assert [o["object_id"] for o in side] == [obj["object_id"]], text
+                elif m := re.fullmatch(r"(the .+?) (closest to|farthest from) the camera", text):
+                    candidates = _by_words(m.group(1), objects)
+                    pick = min if m.group(2) == "closest to" else max
+                    assert pick(candidates, key=lambda o: o["center_depth"])["object_id"] == obj["object_id"], text
+                else:
+                    assert [o["object_id"] for o in _by_words(text, objects)] == [obj["object_id"]], text
+                kinds.add(kinds_seen)
+    assert kinds == {"attribute", "relation", "extreme"}
 
 
 def test_ambiguous_expressions_are_rejected() -> None:
@@ -137,28 +154,28 @@ def test_vqa_answers_match_the_scene(world_dir: Path) -> None:
     scenes = {s["file_name"]: s for s in _scenes(world_dir)}
     seen = set()
     for s in read_conversations(world_dir / "vqa" / "train.json", image_root=world_dir / "images", split="train"):
-        scene = scenes[s.image.path.name]
+        objects = scenes[s.image.path.name]["objects"]
         question = s.query.replace("<image>", "").strip()
-        if m := re.fullmatch(
-            r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question
-        ):
+        if m := re.fullmatch(r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question):
             size, color, shape = m.groups()
             expected = sum(
                 (size is None or o["size"] == size)
                 and (color is None or o["color"] == color)
                 and (shape in ("object", o["shape"]))
-                for o in scene["objects"]
+                for o in objects
             )
             assert s.answer == str(expected), question
             seen.add("count")
-        elif question.startswith("What color"):
-            assert s.answer in {o["color"] for o in scene["objects"]}
-            seen.add("color")
-        elif question.startswith("What shape"):
-            assert s.answer in {o["shape"] for o in scene["objects"]}
-            seen.add("shape")
+        elif m := re.fullmatch(r"What (color|shape) is (the .+)\?", question):
+            (obj,) = _by_words(m.group(2), objects)  # exactly one object fits the words
+            assert s.answer == obj[m.group(1)], question
+            seen.add(m.group(1))
         else:
-            assert s.answer in ("left", "right")
+            m = re.fullmatch(r"Is (the .+) to the left or to the right of (the .+)\?", question)
+            assert m, question
+            (a,) = _by_words(m.group(1), objects)
+            (b,) = _by_words(m.group(2), objects)
+            assert s.answer == ("left" if a["centroid"][0] < b["centroid"][0] else "right"), question
             seen.add("spatial")
     assert seen == {"count", "color", "shape", "spatial"}
 

@@ -21,6 +21,15 @@ tokenizer_app = typer.Typer(help="Train and evaluate the depth tokenizer (VQ-VAE
 app.add_typer(tokenizer_app, name="tokenizer")
 
 _FORMATS = ("refcoco", "hardblink", "blink", "mmbench", "conversation", "depth")
+# The options of `perceptio data check` that each format takes.
+_CHECK_OPTIONS: dict[str, set[str]] = {
+    "refcoco": {"split", "dataset", "image_root"},
+    "hardblink": {"split"},
+    "blink": {"split"},
+    "mmbench": set(),
+    "conversation": {"split", "image_root"},
+    "depth": {"split", "image_root"},
+}
 
 
 def _fail(message: str) -> None:
@@ -146,17 +155,17 @@ def data_check(
 
     if format not in READERS:
         _fail(f"unknown --format {format!r}; use one of {sorted(READERS)}")
-    kwargs: dict[str, object] = {}
+    given = {"split": split, "dataset": dataset if dataset != "refcoco" else None, "image_root": image_root}
+    unused = sorted(k for k, v in given.items() if v is not None and k not in _CHECK_OPTIONS[format])
+    if unused:
+        names = ", ".join("--" + k.replace("_", "-") for k in unused)
+        _fail(f"--format {format} does not take {names}; it takes {sorted(_CHECK_OPTIONS[format]) or 'no options'}")
+    kwargs: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     if format == "refcoco":
-        kwargs.update(dataset=dataset, split=split or "val", image_root=image_root)
-    elif format in ("conversation",):
-        kwargs.update(image_root=image_root, split=split)
-    elif format == "depth":
-        kwargs.update(image_dir=image_root, split=split)
-    elif format == "blink":
-        kwargs.update(split=split or "val")
-    elif split is not None:
-        kwargs.update(split=split)
+        kwargs.setdefault("split", "val")
+        kwargs.setdefault("dataset", "refcoco")
+    if format == "depth" and "image_root" in kwargs:
+        kwargs["image_dir"] = kwargs.pop("image_root")
     bad = BadItemReport()
     try:
         samples = READERS[format](path, **kwargs, skip_bad=skip_bad, report=bad)

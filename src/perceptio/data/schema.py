@@ -104,12 +104,17 @@ def load_rgb(
             fix="re-download or re-encode the file; it is truncated or not an image",
         ) from None
     mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        raise DataError(
+            f"image has mode {mode!r} (a single-channel 16/32-bit image), expected an RGB photo",
+            path=label,
+            fix="this looks like a depth map; read it with perceptio.data.readers.read_depth_map, or convert it to 8-bit RGB",
+        )
     if mode not in _RGB_CONVERTIBLE:
         raise DataError(
-            f"image has mode {mode!r} (single-channel {'16' if '16' in mode else '32'}-bit), expected an RGB photo",
+            f"image has mode {mode!r}, which has no defined conversion to RGB here",
             path=label,
-            fix="this looks like a depth map; read it with perceptio.data.readers.read_depth_map, "
-            "or convert it to 8-bit RGB",
+            fix="convert it to RGB first (e.g. with PIL: Image.open(path).convert('RGB') after checking the colours)",
         )
     if mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]

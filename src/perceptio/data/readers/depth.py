@@ -18,11 +18,12 @@ from perceptio.data.errors import BadItemReport, DataError
 from perceptio.data.readers._common import build_samples, check_skip_args, require_dir
 from perceptio.data.schema import DEPTH_CONVENTIONS, DepthConvention, DepthMap, DepthRef, ImageRef, Sample, Task
 
-__all__ = ["DEPTH_SUFFIXES", "read_depth_folder", "read_depth_map"]
+__all__ = [
+    "IMAGE_SUFFIXES","DEPTH_SUFFIXES", "read_depth_folder", "read_depth_map"]
 
 #: File suffixes read as depth maps.
 DEPTH_SUFFIXES = (".npy", ".npz", ".png")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # A depth file next to its image is often named "<image stem>_depth" (Depth Anything outputs, ADE20K copies).
 _DEPTH_STEM_SUFFIX = "_depth"
@@ -154,7 +155,7 @@ def _image_for(depth_file: Path, image_dir: Path) -> Path | None:
     if depth_file.stem.endswith(_DEPTH_STEM_SUFFIX):
         stems.append(depth_file.stem[: -len(_DEPTH_STEM_SUFFIX)])
     for stem in stems:
-        for suffix in _IMAGE_SUFFIXES:
+        for suffix in IMAGE_SUFFIXES:
             candidate = image_dir / f"{stem}{suffix}"
             if candidate != depth_file and candidate.is_file():
                 return candidate
@@ -168,6 +169,7 @@ def read_depth_folder(
     convention: DepthConvention | str | None = None,
     key: str | None = None,
     split: str | None = None,
+    require_images: bool = True,
     skip_bad: bool = False,
     report: BadItemReport | None = None,
 ) -> list[Sample]:
@@ -181,6 +183,8 @@ def read_depth_folder(
         convention: a DepthConvention or a name in DEPTH_CONVENTIONS; default: ``depth_dir/depth.json``.
         key: the array name inside ``.npz`` files.
         split: stored in ``Sample.split``.
+        require_images: a depth map without an image is an error (else the sample just has no image, which
+            is enough for uses that only need depth, such as training the depth tokenizer on ground truth).
         skip_bad: record depth maps without an image in ``report`` and skip them instead of raising.
         report: where skipped files are recorded.
 
@@ -210,7 +214,7 @@ def read_depth_folder(
                 fix="keep one depth file per image",
             )
         seen[depth_file.stem] = depth_file
-        if image is None:
+        if image is None and require_images:
             raise DataError(
                 f"no RGB image {depth_file.stem}.png/.jpg/.jpeg for this depth map in {image_dir}",
                 path=depth_file,
@@ -221,9 +225,9 @@ def read_depth_folder(
             task=Task.DEPTH,
             source="depth",
             split=split,
-            images=(ImageRef(path=image),),
+            images=(ImageRef(path=image),) if image is not None else (),
             depth=DepthRef(path=depth_file, convention=resolved, key=key),
-            meta={"depth_file": depth_file.name, "image_file": image.name},
+            meta={"depth_file": depth_file.name, "image_file": image.name if image is not None else None},
         )
 
     return build_samples(depth_files, build, skip_bad=skip_bad, report=report)

@@ -336,7 +336,7 @@ def relative_depth_question(
                 if len(kept) == num_points:
                     break
         if len(kept) < num_points:
-            return None  # the band has too few separable points; another try cannot find more
+            continue  # this order found too few separable points; another random order may find enough
         kept = [kept[i] for i in rng.permutation(num_points)]  # letters in random order, so gold letters are uniform
         z = z_all[kept]
         zs = np.sort(z)

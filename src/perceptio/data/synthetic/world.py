@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from perceptio.data.readers._common import option_letters
+from perceptio.data.readers.mmbench import CIRCULAR_OFFSET  # copy k of question g has index g + k * 1e6
 from perceptio.data.schema import DEPTH_CONVENTIONS
 from perceptio.data.synthetic.render import Rendering, render_scene
 from perceptio.data.synthetic.scene import SHAPES, Scene, SceneConfig, sample_scene
@@ -55,7 +57,6 @@ __all__ = ["SPLITS", "WorldConfig", "WorldScene", "WorldSummary", "generate_worl
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_CIRCULAR_OFFSET = 1_000_000  # MMBench: copy k of question g has index g + k * 1e6
 
 
 @dataclass(frozen=True)
@@ -399,13 +400,13 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
         writer = w.mcq_writer(split)
         for k in range(len(options)):  # pass k shows the options rotated k times
             rotated = options[k:] + options[:k]
-            index = g_index + k * _CIRCULAR_OFFSET
+            index = g_index + k * CIRCULAR_OFFSET
             if image_ref is None:
                 image_cell, image_ref = _jpeg_b64(rgb), str(index)
             else:
                 image_cell = image_ref  # VLMEvalKit convention: a short cell names the row whose image is reused
             cells = rotated + [""] * (4 - len(rotated))
-            answer = "ABCD"[rotated.index(item.answer)]
+            answer = option_letters(len(rotated))[rotated.index(item.answer)]
             writer.writerow(
                 [
                     index,
