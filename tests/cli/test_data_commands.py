@@ -85,7 +85,15 @@ def test_check_rejects_an_unknown_format_and_options_the_format_does_not_take(wo
     assert result.exit_code == 2 and "--format mmbench does not take --split" in result.output
     result = runner.invoke(app, ["data", "check", str(tsv), "--format", "mmbench"])
     assert result.exit_code == 0 and "0 bad item(s)" in result.output
-    depth = ["data", "check", str(world_dir / "depth" / "val"), "--format", "depth", "--image-root", str(world_dir / "images")]
+    depth = [
+        "data",
+        "check",
+        str(world_dir / "depth" / "val"),
+        "--format",
+        "depth",
+        "--image-root",
+        str(world_dir / "images"),
+    ]
     result = runner.invoke(app, depth)
     assert result.exit_code == 0, result.output
 

@@ -42,6 +42,49 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path: Path) -> No
     assert summary["resumed_from"] == 10
 
 
+def test_two_fresh_runs_with_one_seed_are_identical(tmp_path: Path) -> None:
+    config = TokenizerTrainConfig(steps=6, batch_size=4, lr=1e-3, checkpoint_every=0, log_every=3)
+    a = train_tokenizer(_maps(12), SMALL, config, tmp_path / "a", progress=False)
+    b = train_tokenizer(_maps(12), SMALL, config, tmp_path / "b", progress=False)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    c = train_tokenizer(
+        _maps(12), SMALL, TokenizerTrainConfig(**{**config.__dict__, "seed": 1}), tmp_path / "c", progress=False
+    )
+    assert not torch.equal(a.quantizer.codebook, c.quantizer.codebook)
+
+
+def test_resume_between_log_lines_and_refused_changes(tmp_path: Path) -> None:
+    maps = _maps(16)
+    config = TokenizerTrainConfig(steps=12, batch_size=4, lr=1e-3, checkpoint_every=5, log_every=4)  # not aligned
+    train_tokenizer(maps, SMALL, config, tmp_path / "full", progress=False)
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(latest_checkpoint(tmp_path / "full"), killed / "checkpoints" / "step-0000010")
+    shutil.copy(tmp_path / "full" / "train_log.jsonl", killed / "train_log.jsonl")  # the log ran past step 10
+    train_tokenizer(maps, SMALL, config, killed, resume=True, progress=False)
+    assert (killed / "train_log.jsonl").read_text() == (tmp_path / "full" / "train_log.jsonl").read_text()
+    changed = TokenizerTrainConfig(**{**config.__dict__, "lr": 5e-4})
+    with pytest.raises(ValueError, match=r"cannot resume with other settings: lr \(checkpoint 0.001, now 0.0005\)"):
+        train_tokenizer(maps, SMALL, changed, killed, resume=True, progress=False)
+    with pytest.raises(ValueError, match="training maps differ"):
+        train_tokenizer(maps[::-1].copy(), SMALL, config, killed, resume=True, progress=False)
+
+
+def test_invalid_pixels_do_not_count_in_the_loss() -> None:
+    tok = DepthTokenizer(SMALL).eval()
+    maps = torch.from_numpy(_maps(2))
+    valid = torch.ones_like(maps, dtype=torch.bool)
+    valid[:, :16] = False
+    garbage = maps.clone()
+    garbage[:, :16] = torch.rand(2, 16, 32)
+    # the same valid pixels give the same loss, whatever the invalid ones hold (encoder input aside)
+    out = tok(maps, valid)
+    manual = ((tok.decode(out.codes) * 2 - 1 - (maps * 2 - 1)) ** 2)[valid].mean()
+    assert out.reconstruction_loss.item() == pytest.approx(manual.item(), rel=1e-4)
+    assert tok(garbage, valid).reconstruction_loss.item() != tok(garbage).reconstruction_loss.item()
+
+
 def test_existing_checkpoints_need_resume_and_resume_needs_checkpoints(tmp_path: Path) -> None:
     config = TokenizerTrainConfig(steps=4, batch_size=2, checkpoint_every=2)
     train_tokenizer(_maps(8), SMALL, config, tmp_path / "run", progress=False)
@@ -95,7 +138,7 @@ def test_cli_errors_are_clear(world_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["tokenizer", "train", "--data", str(world_dir), "--out", str(tmp_path / "x"), "--preset", "huge"]
     )
-    assert result.exit_code == 2 and "unknown preset 'huge'" in result.output
+    assert result.exit_code == 2 and "unknown depth-tokenizer preset 'huge'" in result.output
     result = runner.invoke(
         app, ["tokenizer", "train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
     )

@@ -86,7 +86,9 @@ def test_expressions_are_unique_by_a_plain_reading_of_the_words(world_dir: Path)
                 if m := re.fullmatch(r"(the .+?) to the (left|right) of (the .+)", text):
                     (anchor,) = _by_words(m.group(3), objects)
                     candidates = [o for o in _by_words(m.group(1), objects) if o is not anchor]
-                    side = [o for o in candidates if (o["centroid"][0] < anchor["centroid"][0]) == (m.group(2) == "left")]
+                    side = [
+                        o for o in candidates if (o["centroid"][0] < anchor["centroid"][0]) == (m.group(2) == "left")
+                    ]
                     assert [o["object_id"] for o in side] == [obj["object_id"]], text
                 elif m := re.fullmatch(r"(the .+?) (closest to|farthest from) the camera", text):
                     candidates = _by_words(m.group(1), objects)
@@ -156,7 +158,9 @@ def test_vqa_answers_match_the_scene(world_dir: Path) -> None:
     for s in read_conversations(world_dir / "vqa" / "train.json", image_root=world_dir / "images", split="train"):
         objects = scenes[s.image.path.name]["objects"]
         question = s.query.replace("<image>", "").strip()
-        if m := re.fullmatch(r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question):
+        if m := re.fullmatch(
+            r"How many (?:(small|large) )?(?:(\w+) )?(sphere|cube|cylinder|object)s are there\?", question
+        ):
             size, color, shape = m.groups()
             expected = sum(
                 (size is None or o["size"] == size)

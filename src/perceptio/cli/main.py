@@ -236,7 +236,7 @@ def tokenizer_train(
             resume=resume,
             skip_bad=skip_bad,
         )
-    except (DataError, FileExistsError, FileNotFoundError, KeyError, ValueError) as err:
+    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, KeyError, ValueError) as err:
         _fail(str(err).strip('"'))
     summary = json.loads((out / "training.json").read_text())
     final = summary["final"]

@@ -18,8 +18,7 @@ from perceptio.data.errors import BadItemReport, DataError
 from perceptio.data.readers._common import build_samples, check_skip_args, require_dir
 from perceptio.data.schema import DEPTH_CONVENTIONS, DepthConvention, DepthMap, DepthRef, ImageRef, Sample, Task
 
-__all__ = [
-    "IMAGE_SUFFIXES","DEPTH_SUFFIXES", "read_depth_folder", "read_depth_map"]
+__all__ = ["IMAGE_SUFFIXES", "DEPTH_SUFFIXES", "read_depth_folder", "read_depth_map"]
 
 #: File suffixes read as depth maps.
 DEPTH_SUFFIXES = (".npy", ".npz", ".png")

@@ -72,6 +72,13 @@ class DepthTokenizerConfig:
         return payload
 
     @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DepthTokenizerConfig:
+        """A preset's config (``aurora`` or ``tiny``), with optional field overrides."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown depth-tokenizer preset {name!r}; available: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+    @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> DepthTokenizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(payload) - known - {"model_type", "format_version"})

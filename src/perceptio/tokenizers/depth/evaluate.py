@@ -2,10 +2,11 @@
 
 Every teacher map is encoded and decoded, and the decoded map is compared with the teacher map:
 
-* AbsRel, RMSE and delta < 1.25 in **metric depth** when the teacher is metric (both maps are mapped back with
-  the teacher map's own inverse-depth range), otherwise in the teacher's **relative inverse depth** (AbsRel and
-  delta over pixels where it is positive); ``space`` in the results says which;
-* ``rmse_normalized``: RMSE of the normalised [0, 1] maps themselves;
+* AbsRel, RMSE (metres) and delta < 1.25 in **metric depth**, when the teacher is metric: both maps are mapped
+  back with the teacher map's own inverse-depth range. For a relative teacher (Depth Anything's disparity is
+  known only up to scale and shift) these are not defined and are reported as None;
+* ``rmse_normalized``: RMSE of the normalised [0, 1] maps themselves, for every teacher;
+* pixels without a measurement (``TeacherMap.valid``) are left out of every metric and never carry a point;
 * closest-point accuracy for 2, 3, 4 and 5 points (AURORA's "VQ-VAE upper bound"): points are drawn on the
   teacher map with the synthetic world's marker rule (in the mid-height band of rows 35-65 %, as HardBLINK's
   markers, so that "lower in the image is nearer" does not answer the question; the closest at least 15 %
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from perceptio.data.synthetic.tasks import TaskConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.tokenizers.depth.normalize import denormalize_depth
 from perceptio.tokenizers.depth.teachers import TeacherMap
@@ -33,22 +35,26 @@ from perceptio.utils.viz import colorize_depth, text_panel
 __all__ = ["PointRule", "closest_point_sets", "depth_metrics", "evaluate_tokenizer", "reconstruction_grid"]
 
 
+_MARKERS = TaskConfig()  # the synthetic world's marker margins: one source for both
+
+
 @dataclass(frozen=True)
 class PointRule:
-    """How closest-point test sets are drawn (the synthetic world's marker margins)."""
+    """How closest-point test sets are drawn; the margins default to the synthetic world's marker rule."""
 
-    band: tuple[float, float] = (0.35, 0.65)
-    closest_gap: float = 0.15
-    min_gap: float = 0.05
-    min_distance: float = 0.1
+    band: tuple[float, float] = _MARKERS.marker_band
+    closest_gap: float = _MARKERS.marker_closest_gap
+    min_gap: float = _MARKERS.marker_min_gap
+    min_distance: float = _MARKERS.marker_min_distance
     sets_per_image: int = 4
     tries: int = 200
 
 
 def closest_point_sets(
-    inverse: np.ndarray, num_points: int, rule: PointRule, rng: np.random.Generator
+    inverse: np.ndarray, num_points: int, rule: PointRule, rng: np.random.Generator, valid: np.ndarray | None = None
 ) -> list[np.ndarray]:
-    """Up to ``rule.sets_per_image`` sets of (row, col) points (num_points, 2) on an inverse-depth map (H, W)."""
+    """Up to ``rule.sets_per_image`` sets of (row, col) points (num_points, 2) on an inverse-depth map (H, W),
+    drawn only on ``valid`` pixels when a mask is given."""
     h, w = inverse.shape
     min_dist2 = (rule.min_distance * w) ** 2
     sets = []
@@ -58,7 +64,7 @@ def closest_point_sets(
         rows = rng.integers(max(2, int(rule.band[0] * h)), min(h - 2, int(rule.band[1] * h)) + 1, size=num_points)
         cols = rng.integers(2, w - 2, size=num_points)
         values = inverse[rows, cols]
-        if (values <= 0).any():
+        if (values <= 0).any() or (valid is not None and not valid[rows, cols].all()):
             continue
         d2 = (
             (rows[:, None] - rows[None]) ** 2
@@ -74,12 +80,18 @@ def closest_point_sets(
     return sets
 
 
-def depth_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """AbsRel, RMSE and delta < 1.25 over pixels where the target is positive and finite."""
-    ok = np.isfinite(target) & (target > 0) & np.isfinite(prediction) & (prediction > 0)
-    p, t = prediction[ok].astype(np.float64), target[ok].astype(np.float64)
-    if p.size == 0:
+def depth_metrics(prediction: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
+    """AbsRel, RMSE and delta < 1.25 of depth maps, over pixels where the *target* is valid, finite and positive.
+
+    Predicted values are floored at 1e-6 (a failed, zero prediction still counts, and counts as wrong).
+    """
+    ok = np.isfinite(target) & (target > 0)
+    if valid is not None:
+        ok &= valid
+    t = target[ok].astype(np.float64)
+    if t.size == 0:
         return {"abs_rel": float("nan"), "rmse": float("nan"), "delta1": float("nan")}
+    p = np.nan_to_num(prediction[ok].astype(np.float64), nan=1e-6, posinf=1e12).clip(min=1e-6)
     return {
         "abs_rel": float(np.mean(np.abs(p - t) / t)),
         "rmse": float(np.sqrt(np.mean((p - t) ** 2))),
@@ -95,14 +107,16 @@ class _Accumulator:
         self.total = {n: 0 for n in point_counts}
 
     def add(self, decoded: np.ndarray, teacher: TeacherMap, point_sets: dict[int, list[np.ndarray]]) -> None:
-        quantity = "depth" if teacher.metric else "inverse_depth"
-        self.metrics.append(
-            depth_metrics(
-                denormalize_depth(decoded, teacher.stats, quantity=quantity),
-                denormalize_depth(teacher.depth, teacher.stats, quantity=quantity),
+        if teacher.metric:
+            self.metrics.append(
+                depth_metrics(
+                    denormalize_depth(decoded, teacher.stats),
+                    denormalize_depth(teacher.depth, teacher.stats),
+                    teacher.valid,
+                )
             )
-        )
-        self.rmse_norm.append(float(np.sqrt(np.mean((decoded - teacher.depth) ** 2))))
+        self.rmse_norm.append(float(np.sqrt(np.mean((decoded - teacher.depth)[teacher.valid] ** 2))))
+
         for n, sets in point_sets.items():
             for points in sets:
                 truth = np.argmax(teacher.depth[points[:, 0], points[:, 1]])
@@ -112,7 +126,9 @@ class _Accumulator:
 
     def result(self) -> dict[str, object]:
         keys = ("abs_rel", "rmse", "delta1")
-        out: dict[str, object] = {k: float(np.nanmean([m[k] for m in self.metrics])) for k in keys}
+        out: dict[str, object] = {
+            k: float(np.nanmean([m[k] for m in self.metrics])) if self.metrics else None for k in keys
+        }
         out["rmse_normalized"] = float(np.mean(self.rmse_norm))
         out["closest_point_accuracy"] = {
             str(n): (self.correct[n] / self.total[n] if self.total[n] else None) for n in self.correct
@@ -147,6 +163,8 @@ def evaluate_tokenizer(
         ``{"tokenizer": {...}, "mean_map_baseline": {...}, "codebook": {...}, "num_maps", "space"}``.
     """
     tokenizer.eval()
+    if len({m.metric for m in maps}) > 1:
+        raise ValueError("the maps mix metric and relative teachers; evaluate them separately")
     rule = rule or PointRule()
     rng = np.random.default_rng(seed)
     ours, baseline = _Accumulator(point_counts), _Accumulator(point_counts)
@@ -159,7 +177,7 @@ def evaluate_tokenizer(
         histogram += np.bincount(codes.reshape(-1).cpu().numpy(), minlength=tokenizer.config.num_codes)
         for k, teacher in enumerate(chunk):
             inverse = denormalize_depth(teacher.depth, teacher.stats, quantity="inverse_depth")
-            point_sets = {n: closest_point_sets(inverse, n, rule, rng) for n in point_counts}
+            point_sets = {n: closest_point_sets(inverse, n, rule, rng, teacher.valid) for n in point_counts}
             ours.add(decoded[k], teacher, point_sets)
             if mean_map is not None:
                 baseline.add(mean_map, teacher, point_sets)
@@ -167,7 +185,7 @@ def evaluate_tokenizer(
     nonzero = probs[probs > 0]
     result: dict[str, object] = {
         "num_maps": len(maps),
-        "space": "metric_depth" if all(m.metric for m in maps) else "relative_inverse_depth",
+        "space": "metric_depth" if maps and maps[0].metric else "relative_inverse_depth",
         "tokenizer": ours.result(),
         "codebook": {
             "usage": float((histogram > 0).mean()),

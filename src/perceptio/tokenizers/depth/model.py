@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceptio.tokenizers.depth.config import PRESETS, DepthTokenizerConfig
+from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.normalize import DepthInputError, Quantity, normalize_depth, resize_nearest
 from perceptio.tokenizers.depth.quantizer import EMAQuantizer
 from perceptio.vocab import PerceptionVocab
@@ -124,10 +124,7 @@ class DepthTokenizer(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> DepthTokenizer:
         """Build a randomly initialised tokenizer from a preset (``aurora`` or ``tiny``) with optional overrides."""
-        if name not in PRESETS:
-            raise KeyError(f"unknown depth-tokenizer preset {name!r}; available: {sorted(PRESETS)}")
-        base = PRESETS[name].to_dict()
-        return cls(DepthTokenizerConfig.from_dict({**base, **overrides}))
+        return cls(DepthTokenizerConfig.from_preset(name, **overrides))
 
     @property
     def vocab(self) -> PerceptionVocab:
@@ -203,13 +200,22 @@ class DepthTokenizer(nn.Module):
     def _decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         return ((self.decoder(latent)[:, 0] + 1) / 2).clamp(0, 1)
 
-    def forward(self, depth: torch.Tensor) -> DepthTokenizerOutput:
-        """Encode, quantise (EMA update in training mode) and decode a batch (B, H, W) in [0, 1]."""
+    def forward(self, depth: torch.Tensor, valid: torch.Tensor | None = None) -> DepthTokenizerOutput:
+        """Encode, quantise (EMA update in training mode) and decode a batch (B, H, W) in [0, 1].
+
+        Args:
+            depth: (B, H, W) normalised maps.
+            valid: optional bool (B, H, W); the reconstruction loss covers only these pixels.
+        """
         depth = self._check_depth(depth)
         target = depth * 2 - 1
         quantized = self.quantizer(self.encoder(target.unsqueeze(1)))
         prediction = self.decoder(quantized.quantized)[:, 0]
-        reconstruction_loss = F.mse_loss(prediction, target)
+        if valid is None:
+            reconstruction_loss = F.mse_loss(prediction, target)
+        else:
+            weight = valid.to(prediction.dtype)
+            reconstruction_loss = ((prediction - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
         loss = reconstruction_loss + self.config.commitment_weight * quantized.commitment
         return DepthTokenizerOutput(
             reconstruction=((prediction.detach() + 1) / 2).clamp(0, 1),

@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from perceptio.data.errors import BadItemReport, DataError
-from perceptio.tokenizers.depth.config import PRESETS, DepthTokenizerConfig
+from perceptio.data.readers import read_depth_folder
+from perceptio.data.readers.depth import IMAGE_SUFFIXES
+from perceptio.data.schema import ImageRef, Sample, Task
+from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.evaluate import evaluate_tokenizer, reconstruction_grid
 from perceptio.tokenizers.depth.model import DepthTokenizer
-from perceptio.tokenizers.depth.teachers import TeacherCache, TeacherMap, load_teacher, teacher_maps
-from perceptio.tokenizers.depth.train import TokenizerTrainConfig, find_depth_samples, train_tokenizer
+from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, TeacherCache, TeacherMap, load_teacher, teacher_maps
+from perceptio.tokenizers.depth.train import TokenizerTrainConfig, train_tokenizer
 
-__all__ = ["collect_teacher_maps", "default_cache_dir", "evaluate_folder", "train_from_folder"]
+__all__ = ["collect_teacher_maps", "default_cache_dir", "evaluate_folder", "find_depth_samples", "train_from_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,51 @@ def default_cache_dir() -> Path:
     """``$PERCEPTIO_CACHE/teacher_maps``, else ``~/.cache/perceptio/teacher_maps``."""
     root = os.environ.get("PERCEPTIO_CACHE")
     return Path(root) / "teacher_maps" if root else Path.home() / ".cache" / "perceptio" / "teacher_maps"
+
+
+def find_depth_samples(
+    data: str | Path,
+    *,
+    split: str = "train",
+    image_dir: str | Path | None = None,
+    require_images: bool = True,
+    skip_bad: bool = False,
+    report: BadItemReport | None = None,
+) -> list[Sample]:
+    """The samples to train or evaluate on, from any of three kinds of folder.
+
+    * a synthetic world (has ``manifest.json``): ``depth/<split>`` paired with ``images/``;
+    * a depth folder (depth maps with a ``depth.json`` sidecar, images in ``image_dir`` or the same folder);
+    * a plain folder of images (for a network teacher such as Depth Anything): no depth attached.
+
+    ``require_images=False`` lets depth maps without an image through (enough for the ground-truth teacher).
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(
+            "data folder not found", path=root, fix="pass --data a synthetic world, a depth folder or an image folder"
+        )
+    if (root / "manifest.json").is_file():
+        folder = root / "depth" / split
+        if not folder.is_dir():
+            available = sorted(p.name for p in (root / "depth").iterdir()) if (root / "depth").is_dir() else []
+            raise DataError(f"the world has no split {split!r}", path=root / "depth", fix=f"use one of {available}")
+        folder_args = {"require_images": require_images, "skip_bad": skip_bad, "report": report}
+        return read_depth_folder(folder, image_dir=root / "images", split=split, **folder_args)
+    if (root / "depth.json").is_file():
+        folder_args = {"require_images": require_images, "skip_bad": skip_bad, "report": report}
+        return read_depth_folder(root, image_dir=image_dir, split=split, **folder_args)
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(
+            "no images and no depth.json sidecar in the folder",
+            path=root,
+            fix="point --data at a synthetic world, a depth folder with depth.json, or a folder of .png/.jpg images",
+        )
+    return [
+        Sample(sample_id=p.stem, task=Task.DEPTH, source="images", split=split, images=(ImageRef(path=p),))
+        for p in images
+    ]
 
 
 def collect_teacher_maps(
@@ -42,11 +90,14 @@ def collect_teacher_maps(
     progress: bool = True,
 ) -> list[TeacherMap]:
     """Teacher maps (in the tokenizer convention, ``size`` x ``size``) for one split of a data folder."""
-    samples = find_depth_samples(data, split=split, image_dir=image_dir)
+    depth_teacher = load_teacher(teacher, device=device)
+    ground_truth = depth_teacher.teacher_id == GroundTruthTeacher.teacher_id
+    samples = find_depth_samples(
+        data, split=split, image_dir=image_dir, require_images=not ground_truth, skip_bad=skip_bad, report=report
+    )
     if limit is not None:
         samples = samples[:limit]
-    depth_teacher = load_teacher(teacher, device=device)
-    if depth_teacher.teacher_id == "ground-truth" and samples and samples[0].depth is None:
+    if ground_truth and samples and samples[0].depth is None:
         raise DataError(
             "these images have no depth maps, so the ground-truth teacher cannot be used",
             path=data,
@@ -80,9 +131,7 @@ def train_from_folder(
     overrides: dict | None = None,
 ) -> tuple[DepthTokenizer, BadItemReport]:
     """Compute (or reuse cached) teacher maps for ``split`` of ``data`` and train a tokenizer into ``out``."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-    config = DepthTokenizerConfig.from_dict({**PRESETS[preset].to_dict(), **(overrides or {})})
+    config = DepthTokenizerConfig.from_preset(preset, **(overrides or {}))
     report = BadItemReport()
     maps = collect_teacher_maps(
         data,
@@ -106,11 +155,13 @@ def train_from_folder(
         config,
         train_config or TokenizerTrainConfig(),
         out,
+        valid=np.stack([m.valid for m in maps]),
+        device=device,
         resume=resume,
         progress=progress,
         record=record,
     )
-    np.save(out / "mean_map.npy", np.mean([m.depth for m in maps], axis=0).astype(np.float32))
+    np.save(out / "mean_map.npy", _mean_map(maps))
     return model, report
 
 
@@ -153,7 +204,7 @@ def evaluate_folder(
     if mean_path.is_file():
         mean_map, baseline_source = np.load(mean_path), "mean training map"
     else:
-        mean_map, baseline_source = np.mean([m.depth for m in maps], axis=0), f"mean map of the {split} split itself"
+        mean_map, baseline_source = _mean_map(maps), f"mean map of the {split} split itself"
     results = evaluate_tokenizer(tokenizer, maps, mean_map=mean_map, seed=seed)
     results.update(
         checkpoint=str(checkpoint),
@@ -171,3 +222,11 @@ def evaluate_folder(
     if len(report):
         report.write(out / "skipped.json")
     return results
+
+
+def _mean_map(maps: list[TeacherMap]) -> np.ndarray:
+    """Per-pixel mean over the maps where they are valid (0.5 where none is)."""
+    depth = np.stack([m.depth for m in maps]).astype(np.float64)
+    valid = np.stack([m.valid for m in maps])
+    count = valid.sum(0)
+    return np.where(count > 0, (depth * valid).sum(0) / np.maximum(count, 1), 0.5).astype(np.float32)

@@ -115,7 +115,8 @@ class EMAQuantizer(nn.Module):
         smoothed = (self.cluster_size + self.epsilon) / (total + self.num_codes * self.epsilon) * total
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
-            dead = self.cluster_size < self.dead_code_threshold
+            # only codes no vector of this batch uses: restarting a used one would change its vectors' targets
+            dead = (self.cluster_size < self.dead_code_threshold) & (counts == 0)
             if bool(dead.any()):
                 # Restart each dead code at a random encoder output of this batch (the same on every rank).
                 picks = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)

@@ -13,6 +13,7 @@ the teacher id (which hashes the checkpoint) and the resolution, so a second run
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -56,10 +57,12 @@ class RawDepth:
 
 @dataclass(frozen=True)
 class TeacherMap:
-    """One training target: ``depth`` (S, S) float32 in [0, 1] (1 = nearest), the inverse-depth range it was
-    normalised with, and whether that range is metric (1/metres) or relative."""
+    """One training target: ``depth`` (S, S) float32 in [0, 1] (1 = nearest), ``valid`` (S, S) bool (pixels
+    with a measurement; invalid ones hold 0 and are left out of losses and metrics), the inverse-depth range the
+    map was normalised with, and whether that range is metric (1/metres) or relative."""
 
     depth: np.ndarray
+    valid: np.ndarray
     stats: DepthStats
     metric: bool
 
@@ -93,7 +96,8 @@ class GroundTruthTeacher:
 
     teacher_id = "ground-truth"
     cacheable = False
-    metric = True  # per map, the file's convention decides (RawDepth.metric)
+    #: Whether a map is metric is a property of each file's convention (RawDepth.metric); this is the default.
+    metric = True
 
     def predict(self, samples: Sequence[Sample]) -> list[RawDepth]:
         out = []
@@ -158,6 +162,7 @@ class DepthAnythingTeacher:
         self.device = device
         self.batch_size = batch_size
         digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+        digest.update(json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode())
         for path in weights:
             digest.update(_file_digest(path).encode())
         self._id = f"depth-anything-{digest.hexdigest()[:16]}"
@@ -173,17 +178,24 @@ class DepthAnythingTeacher:
 
     @torch.no_grad()
     def predict(self, samples: Sequence[Sample]) -> list[RawDepth]:
-        out: list[RawDepth] = []
-        for start in range(0, len(samples), self.batch_size):
-            images = [s.image.load() for s in samples[start : start + self.batch_size]]
-            inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-            outputs = self.model(**inputs)
-            sizes = [(im.height, im.width) for im in images]
-            for result in self.processor.post_process_depth_estimation(outputs, target_sizes=sizes):
-                values = result["predicted_depth"].float().cpu().numpy()
-                # relative models output disparity-like values (larger = nearer); metric ones output metres
-                out.append(RawDepth(values, "depth" if self._metric else "inverse_depth", self._metric))
-        return out
+        images = [s.image.load() for s in samples]
+        out: list[RawDepth | None] = [None] * len(images)
+        # The processor keeps each image's aspect ratio, so only images of one size can share a forward pass.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(image.size, []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                inputs = self.processor(images=[images[i] for i in chunk], return_tensors="pt").to(self.device)
+                outputs = self.model(**inputs)
+                sizes = [(images[i].height, images[i].width) for i in chunk]
+                results = self.processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+                for i, result in zip(chunk, results, strict=True):
+                    values = result["predicted_depth"].float().cpu().numpy()
+                    # relative models output disparity-like values (larger = nearer); metric ones output metres
+                    out[i] = RawDepth(values, "depth" if self._metric else "inverse_depth", self._metric)
+        return out  # type: ignore[return-value]
 
 
 def load_teacher(spec: str, *, device: str = "cpu") -> DepthTeacher:
@@ -211,7 +223,14 @@ def image_hash(sample: Sample) -> str:
 
 
 class TeacherCache:
-    """Teacher maps on disk: ``root/<teacher id>/<size>/<image hash>.npz`` (float16 map + range + metric flag)."""
+    """Teacher maps on disk: ``root/v2/<teacher id>/<size>/<image hash>.npz`` (float16 map, validity, range, metric).
+
+    Maps are stored as float16; :func:`teacher_maps` rounds freshly computed maps the same way, so a run that
+    computes them and a run that reads them back train on identical targets.
+    """
+
+    #: Layout version: entries of another layout live elsewhere and are never misread.
+    FORMAT = "v2"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -220,7 +239,7 @@ class TeacherCache:
 
     def _path(self, teacher_id: str, size: int, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", teacher_id)
-        return self.root / safe / str(size) / key[:2] / f"{key}.npz"
+        return self.root / self.FORMAT / safe / str(size) / key[:2] / f"{key}.npz"
 
     def get(self, teacher_id: str, size: int, key: str) -> TeacherMap | None:
         path = self._path(teacher_id, size, key)
@@ -231,6 +250,7 @@ class TeacherCache:
             self.hits += 1
             return TeacherMap(
                 depth=payload["depth"].astype(np.float32),
+                valid=payload["valid"].astype(bool),
                 stats=DepthStats(float(payload["low"]), float(payload["high"])),
                 metric=bool(payload["metric"]),
             )
@@ -240,7 +260,12 @@ class TeacherCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(
-            tmp, depth=value.depth.astype(np.float16), low=value.stats.low, high=value.stats.high, metric=value.metric
+            tmp,
+            depth=value.depth.astype(np.float16),
+            valid=value.valid,
+            low=value.stats.low,
+            high=value.stats.high,
+            metric=value.metric,
         )
         tmp.replace(path)  # atomic: a killed run never leaves a half-written entry
 
@@ -270,13 +295,19 @@ def teacher_maps(
         batch = list(samples[start : start + batch_size])
         results: dict[int, TeacherMap] = {}
         keys: dict[int, str] = {}
+        failed: set[int] = set()
         if use_cache:
             for i, sample in enumerate(batch):
-                keys[i] = image_hash(sample)
+                try:
+                    keys[i] = image_hash(sample)
+                except DataError as err:
+                    handle(err, skip_bad=skip_bad, report=report)
+                    failed.add(i)
+                    continue
                 hit = cache.get(teacher.teacher_id, size, keys[i])  # type: ignore[union-attr]
                 if hit is not None:
                     results[i] = hit
-        todo = [i for i in range(len(batch)) if i not in results]
+        todo = [i for i in range(len(batch)) if i not in results and i not in failed]
         raws: dict[int, RawDepth | DataError] = {}
         if todo:
             try:
@@ -292,18 +323,9 @@ def teacher_maps(
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                try:
-                    normalized, stats = normalize_depth(
-                        raw.values, quantity=raw.quantity, valid=raw.valid, name="teacher depth"
-                    )
-                except DepthInputError as err:
-                    raise DataError(
-                        str(err), item=batch[i].sample_id, fix="check this image's depth, or run with --skip-bad"
-                    ) from None
-                value = TeacherMap(resize_nearest(normalized, size)[0].numpy(), stats, raw.metric)
+                results[i] = _to_teacher_map(raw, size, name=batch[i].sample_id, rounded=use_cache)
                 if use_cache:
-                    cache.put(teacher.teacher_id, size, keys[i], value)  # type: ignore[union-attr]
-                results[i] = value
+                    cache.put(teacher.teacher_id, size, keys[i], results[i])  # type: ignore[union-attr]
             except DataError as err:
                 handle(err, skip_bad=skip_bad, report=report)
         for i, sample in enumerate(batch):
@@ -317,6 +339,15 @@ def teacher_maps(
     return maps, kept
 
 
-def describe(teacher: DepthTeacher) -> dict[str, object]:
-    """A JSON-able description for run records."""
-    return {"teacher_id": teacher.teacher_id, "metric": teacher.metric, "class": type(teacher).__name__}
+def _to_teacher_map(raw: RawDepth, size: int, *, name: str, rounded: bool) -> TeacherMap:
+    """Normalise a raw teacher output and resize it (and its validity) to ``size`` with nearest neighbour."""
+    try:
+        normalized, stats = normalize_depth(raw.values, quantity=raw.quantity, valid=raw.valid, name="teacher depth")
+    except DepthInputError as err:
+        raise DataError(str(err), item=name, fix="check this image's depth, or run with --skip-bad") from None
+    depth = resize_nearest(normalized, size)[0].numpy()
+    if rounded:  # the precision the cache stores, so cached and fresh runs see the same numbers
+        depth = depth.astype(np.float16).astype(np.float32)
+    valid = np.isfinite(raw.values) & (True if raw.valid is None else np.asarray(raw.valid, dtype=bool))
+    valid = resize_nearest(valid.astype(np.float32), size)[0].numpy() > 0.5
+    return TeacherMap(depth=depth, valid=valid, stats=stats, metric=raw.metric)

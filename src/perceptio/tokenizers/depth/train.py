@@ -8,6 +8,7 @@ are kept. Weights and optimiser state are stored as safetensors, the rest as JSO
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -19,17 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from perceptio.data.errors import DataError
-from perceptio.data.readers import read_depth_folder
-from perceptio.data.schema import ImageRef, Sample, Task
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
 
-__all__ = ["TokenizerTrainConfig", "find_depth_samples", "latest_checkpoint", "train_tokenizer"]
+__all__ = ["TokenizerTrainConfig", "latest_checkpoint", "train_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -63,39 +59,6 @@ class TokenizerTrainConfig:
                 raise ValueError(f"TokenizerTrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1 or self.checkpoint_every < 0:
             raise ValueError("lr must be > 0, lr_decay in (0, 1] and checkpoint_every >= 0")
-
-
-def find_depth_samples(data: str | Path, *, split: str = "train", image_dir: str | Path | None = None) -> list[Sample]:
-    """The samples to train or evaluate on, from any of three kinds of folder.
-
-    * a synthetic world (has ``manifest.json``): ``depth/<split>`` paired with ``images/``;
-    * a depth folder (depth maps with a ``depth.json`` sidecar, images in ``image_dir`` or the same folder);
-    * a plain folder of images (for a network teacher such as Depth Anything): no depth attached.
-    """
-    root = Path(data)
-    if not root.is_dir():
-        raise DataError(
-            "data folder not found", path=root, fix="pass --data a synthetic world, a depth folder or an image folder"
-        )
-    if (root / "manifest.json").is_file():
-        folder = root / "depth" / split
-        if not folder.is_dir():
-            available = sorted(p.name for p in (root / "depth").iterdir()) if (root / "depth").is_dir() else []
-            raise DataError(f"the world has no split {split!r}", path=root / "depth", fix=f"use one of {available}")
-        return read_depth_folder(folder, image_dir=root / "images", split=split)
-    if (root / "depth.json").is_file():
-        return read_depth_folder(root, image_dir=image_dir, split=split)
-    images = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not images:
-        raise DataError(
-            "no images and no depth.json sidecar in the folder",
-            path=root,
-            fix="point --data at a synthetic world, a depth folder with depth.json, or a folder of .png/.jpg images",
-        )
-    return [
-        Sample(sample_id=p.stem, task=Task.DEPTH, source="images", split=split, images=(ImageRef(path=p),))
-        for p in images
-    ]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -136,7 +99,7 @@ def _save_checkpoint(
         shutil.rmtree(old)
 
 
-def _load_checkpoint(folder: Path, model: DepthTokenizer, optimizer: torch.optim.Optimizer) -> int:
+def _load_checkpoint(folder: Path, model: DepthTokenizer, optimizer: torch.optim.Optimizer) -> dict:
     from safetensors.torch import load_file
 
     loaded = DepthTokenizer.from_pretrained(folder, expected=model.config)
@@ -149,7 +112,32 @@ def _load_checkpoint(folder: Path, model: DepthTokenizer, optimizer: torch.optim
     optimizer.load_state_dict(
         {"state": state, "param_groups": json.loads((folder / "optimizer_groups.json").read_text())}
     )
-    return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _data_digest(maps: np.ndarray, valid: np.ndarray | None) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(maps, dtype=np.float32).tobytes())
+    if valid is not None:
+        digest.update(np.packbits(valid).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_resumable(state: dict, train_config: TokenizerTrainConfig, digest: str, folder: Path) -> None:
+    """Refuse to resume a checkpoint with other settings or data: the run would silently differ."""
+    saved = state.get("train_config", {})
+    ours = asdict(train_config)
+    differ = [
+        f"{k} (checkpoint {saved[k]}, now {ours[k]})"
+        for k in ours
+        if k != "steps" and k in saved and saved[k] != ours[k]
+    ]
+    if differ:
+        raise ValueError(f"{folder}: cannot resume with other settings: {', '.join(differ)}; use the original ones")
+    if state.get("data_digest") not in (None, digest):
+        raise ValueError(
+            f"{folder}: the training maps differ from the checkpoint's (data digest {state['data_digest']} vs "
+            f"{digest}); resume with the same data, split and teacher"
+        )
 
 
 def train_tokenizer(
@@ -158,6 +146,8 @@ def train_tokenizer(
     train_config: TokenizerTrainConfig,
     out_dir: str | Path,
     *,
+    valid: np.ndarray | None = None,
+    device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
     record: dict | None = None,
@@ -166,6 +156,8 @@ def train_tokenizer(
 
     Args:
         maps: (N, S, S) teacher maps in [0, 1] with S = ``model_config.input_size``.
+        valid: optional bool (N, S, S): pixels with a measurement (the loss ignores the others).
+        device: where to train (``cpu``, ``cuda``).
         model_config: the tokenizer architecture.
         train_config: optimisation settings.
         out_dir: where the final tokenizer (config.json + model.safetensors), ``train_log.jsonl``,
@@ -183,15 +175,23 @@ def train_tokenizer(
         raise ValueError(f"maps must be (N, {size}, {size}), got {maps.shape}")
     if len(maps) == 0:
         raise ValueError("no training maps")
-    model = DepthTokenizer(model_config)
+    if valid is not None and valid.shape != maps.shape:
+        raise ValueError(f"valid must have the shape of maps {maps.shape}, got {valid.shape}")
+    torch.manual_seed(train_config.seed)  # the initial weights, so two fresh runs with one seed are identical
+    model = DepthTokenizer(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
     start = 0
+    window = np.zeros(model_config.num_codes, dtype=np.int64)  # codes seen since the last log line
+    digest = _data_digest(maps, valid)
     log_path = out_dir / "train_log.jsonl"
     if resume:
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
-        start = _load_checkpoint(checkpoint, model, optimizer)
+        state = _load_checkpoint(checkpoint, model, optimizer)
+        _check_resumable(state, train_config, digest, checkpoint)
+        start = int(state["step"])
+        window[:] = state.get("usage_window", window)
         logger.info("resumed from %s (step %d)", checkpoint, start)
         if log_path.is_file():  # drop log lines past the checkpoint: they will be written again
             lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
@@ -209,8 +209,8 @@ def train_tokenizer(
     )
 
     data = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    masks = torch.from_numpy(np.ascontiguousarray(valid, dtype=bool)) if valid is not None else None
     model.train()
-    window = np.zeros(model_config.num_codes, dtype=np.int64)
     began = time.perf_counter()
     bar = tqdm(
         range(start, train_config.steps),
@@ -224,13 +224,18 @@ def train_tokenizer(
             rng = np.random.default_rng([train_config.seed, step])
             index = rng.integers(0, len(data), size=train_config.batch_size)
             batch = data[index]
+            batch_valid = masks[index] if masks is not None else None
             if train_config.flip:
-                flip = torch.from_numpy(rng.random(train_config.batch_size) < 0.5)
-                batch = torch.where(flip[:, None, None], batch.flip(-1), batch)
+                flip = torch.from_numpy(rng.random(train_config.batch_size) < 0.5)[:, None, None]
+                batch = torch.where(flip, batch.flip(-1), batch)
+                if batch_valid is not None:
+                    batch_valid = torch.where(flip, batch_valid.flip(-1), batch_valid)
+            batch = batch.to(device)
+            batch_valid = batch_valid.to(device) if batch_valid is not None else None
             torch.manual_seed(train_config.seed * 1_000_003 + step)  # codebook init/restarts, reproducible per step
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(train_config, step)
-            output = model(batch)
+            output = model(batch, batch_valid)
             if not torch.isfinite(output.loss):  # stop before the bad step touches the weights
                 raise FloatingPointError(
                     f"non-finite tokenizer loss at step {step}; lower the learning rate. "
@@ -239,7 +244,7 @@ def train_tokenizer(
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
-            window += np.bincount(output.codes.reshape(-1).numpy(), minlength=model_config.num_codes)
+            window += np.bincount(output.codes.reshape(-1).cpu().numpy(), minlength=model_config.num_codes)
             done = step + 1
             if done % train_config.log_every == 0 or done == train_config.steps:
                 usage = float((window > 0).mean())
@@ -260,14 +265,13 @@ def train_tokenizer(
                 and done % train_config.checkpoint_every == 0
                 and done < train_config.steps
             ):
-                _save_checkpoint(
-                    out_dir,
-                    done,
-                    model,
-                    optimizer,
-                    train_config.keep_checkpoints,
-                    {"seconds": time.perf_counter() - began},
-                )
+                state = {
+                    "train_config": asdict(train_config),
+                    "data_digest": digest,
+                    "usage_window": window.tolist(),
+                    "seconds": time.perf_counter() - began,
+                }
+                _save_checkpoint(out_dir, done, model, optimizer, train_config.keep_checkpoints, state)
     model.eval()
     model.save_pretrained(out_dir)
     last = json.loads(log_path.read_text().splitlines()[-1]) if log_path.read_text() else {}
