@@ -108,7 +108,7 @@ def load_rgb(
         raise DataError(
             f"image has mode {mode!r} (a single-channel 16/32-bit image), expected an RGB photo",
             path=label,
-            fix="a depth map? Read it with perceptio.data.readers.read_depth_map, or convert it to 8-bit RGB",
+            fix="this looks like a depth map: read it with perceptio.data.readers.read_depth_map",
         )
     if mode not in _RGB_CONVERTIBLE:
         raise DataError(
