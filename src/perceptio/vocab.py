@@ -13,7 +13,8 @@ and never writes them itself.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,7 +24,10 @@ __all__ = [
     "SEG_TOKEN",
     "DepthSpanError",
     "PerceptionVocab",
+    "TokenIds",
+    "TokenIdsMismatchError",
     "depth_code_token",
+    "register_tokens",
 ]
 
 SEG_TOKEN = "[SEG]"
@@ -169,3 +173,84 @@ class PerceptionVocab:
     @property
     def _grid_text(self) -> str:
         return f"{self.depth_grid[0]}x{self.depth_grid[1]}"
+
+
+class TokenIdsMismatchError(ValueError):
+    """A text tokenizer whose ids for the perception tokens differ from the ones a model was saved with."""
+
+
+class _TextTokenizer(Protocol):  # the part of a transformers tokenizer that registration uses
+    def add_tokens(self, new_tokens: list[str], special_tokens: bool = ...) -> int: ...
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The resolved ids of the perception tokens in one text tokenizer.
+
+    Attributes:
+        seg: id of ``[SEG]``.
+        depth_start: id of ``<DEPTH_START>``.
+        depth_end: id of ``<DEPTH_END>``.
+        first_code: id of ``<DEPTH_0>``; code k has id ``first_code + k`` (the range is contiguous by check).
+        num_depth_codes: K.
+    """
+
+    seg: int
+    depth_start: int
+    depth_end: int
+    first_code: int
+    num_depth_codes: int
+
+    @property
+    def code_ids(self) -> range:
+        """The ids of ``<DEPTH_0>`` .. ``<DEPTH_{K-1}>``."""
+        return range(self.first_code, self.first_code + self.num_depth_codes)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> TokenIds:
+        return cls(**{k: int(payload[k]) for k in ("seg", "depth_start", "depth_end", "first_code", "num_depth_codes")})
+
+    @classmethod
+    def resolve(cls, text_tokenizer: _TextTokenizer, vocab: PerceptionVocab) -> TokenIds:
+        """Look up the ids of registered tokens; each token must be one id, and the codes contiguous."""
+        ids = text_tokenizer.convert_tokens_to_ids(vocab.tokens)
+        unknown = [tok for tok, i in zip(vocab.tokens, ids, strict=True) if i is None or i < 0]
+        if unknown or len(set(ids)) != len(ids):
+            raise TokenIdsMismatchError(
+                f"the text tokenizer does not know {unknown[:3] or 'distinct ids for'} the perception tokens; "
+                "call perceptio.vocab.register_tokens(text_tokenizer, vocab) first"
+            )
+        seg, start, end, *codes = ids
+        if codes != list(range(codes[0], codes[0] + len(codes))):
+            raise TokenIdsMismatchError("the depth code tokens do not have contiguous ids; register them in one call")
+        return cls(seg=seg, depth_start=start, depth_end=end, first_code=codes[0], num_depth_codes=len(codes))
+
+    def check(self, text_tokenizer: _TextTokenizer, vocab: PerceptionVocab, *, where: str = "the model") -> None:
+        """Raise if ``text_tokenizer`` maps the perception tokens to other ids than these."""
+        try:
+            found = TokenIds.resolve(text_tokenizer, vocab)
+        except TokenIdsMismatchError as err:
+            raise TokenIdsMismatchError(f"{where} expects perception-token ids {self.to_dict()}, but {err}") from None
+        if found != self:
+            diffs = {k: (v, getattr(found, k)) for k, v in self.to_dict().items() if getattr(found, k) != v}
+            raise TokenIdsMismatchError(
+                f"{where} was saved with other perception-token ids than this text tokenizer gives: "
+                + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diffs.items())
+                + "; load the text tokenizer saved with the model"
+            )
+
+
+def register_tokens(text_tokenizer: _TextTokenizer, vocab: PerceptionVocab) -> TokenIds:
+    """Add the perception tokens to a text tokenizer as special tokens (idempotent) and return their ids.
+
+    ``add_tokens(..., special_tokens=True)`` keeps the tokenizer's other special tokens (InternVL's image tokens);
+    ``add_special_tokens`` would replace the named extra ones. The caller resizes the model's embeddings to
+    ``len(text_tokenizer)``.
+    """
+    text_tokenizer.add_tokens(vocab.tokens, special_tokens=True)
+    return TokenIds.resolve(text_tokenizer, vocab)

@@ -1,0 +1,7 @@
+"""The Perceptio model: configuration, presets and the model class (built on transformers' InternVL and SAM2)."""
+
+from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS, PerceptioConfig
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.presets import PRESETS, ModelPreset
+
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "PRESETS", "ModelPreset", "PerceptioConfig", "PerceptioForConditionalGeneration"]

@@ -1,0 +1,90 @@
+"""The Perceptio model configuration: what travels with the weights (architecture, token ids, loss weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, InternVLConfig, PretrainedConfig, Sam2Config
+
+from perceptio.tokenizers.depth.config import DepthTokenizerConfig
+from perceptio.vocab import PerceptionVocab, TokenIds
+
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "PerceptioConfig"]
+
+#: Weights of the named loss terms (decision 6; spec.md A.6-A.9).
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "text": 1.0,
+    "depth_token": 1.0,
+    "depth_marker": 1.0,
+    "depth_count": 0.1,
+    "depth_recon": 0.5,
+    "mask_bce": 2.0,
+    "mask_dice": 0.5,
+}
+
+
+class PerceptioConfig(PretrainedConfig):
+    """Configuration of :class:`~perceptio.models.modeling_perceptio.PerceptioForConditionalGeneration`.
+
+    Args:
+        vlm_config: the vision-language model (an ``InternVLConfig`` or its dict).
+        segmenter_config: SAM2 (a ``Sam2Config`` or its dict). Its image encoder is frozen; its mask decoder trains.
+        depth_tokenizer_config: the depth tokenizer's architecture (a ``DepthTokenizerConfig`` or its dict).
+        token_ids: the perception-token ids in the text tokenizer the model was built with (a ``TokenIds``
+            dict); set by ``register_text_tokenizer`` and checked when a tokenizer is paired with the model.
+        loss_weights: weights of the named loss terms; missing names take ``DEFAULT_LOSS_WEIGHTS``.
+        seg_hidden_dim: width of the hidden layer of the ``[SEG]`` -> SAM2 prompt MLP (default: the LLM width).
+    """
+
+    model_type = "perceptio"
+    sub_configs = {"vlm_config": InternVLConfig, "segmenter_config": Sam2Config}
+
+    def __init__(
+        self,
+        vlm_config: InternVLConfig | dict | None = None,
+        segmenter_config: Sam2Config | dict | None = None,
+        depth_tokenizer_config: DepthTokenizerConfig | dict | None = None,
+        token_ids: dict[str, int] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        seg_hidden_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vlm_config = (
+            InternVLConfig(**vlm_config) if isinstance(vlm_config, dict) else (vlm_config or InternVLConfig())
+        )
+        self.segmenter_config = (
+            Sam2Config(**segmenter_config) if isinstance(segmenter_config, dict) else (segmenter_config or Sam2Config())
+        )
+        if isinstance(depth_tokenizer_config, DepthTokenizerConfig):
+            depth_tokenizer_config = depth_tokenizer_config.to_dict()
+        self.depth_tokenizer_config = depth_tokenizer_config or DepthTokenizerConfig().to_dict()
+        DepthTokenizerConfig.from_dict(self.depth_tokenizer_config)  # validate early, with the field names
+        unknown = sorted(set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}; the terms are {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
+        if any(w < 0 for w in self.loss_weights.values()):
+            raise ValueError(f"loss weights must be non-negative, got {self.loss_weights}")
+        self.token_ids = dict(token_ids) if token_ids else None
+        self.seg_hidden_dim = seg_hidden_dim
+        super().__init__(**kwargs)
+
+    @property
+    def depth_tokenizer(self) -> DepthTokenizerConfig:
+        return DepthTokenizerConfig.from_dict(self.depth_tokenizer_config)
+
+    @property
+    def vocab(self) -> PerceptionVocab:
+        """The perception vocabulary that matches the depth tokenizer (K codes on its grid)."""
+        depth = self.depth_tokenizer
+        return PerceptionVocab(num_depth_codes=depth.num_codes, depth_grid=depth.grid)
+
+    @property
+    def resolved_token_ids(self) -> TokenIds:
+        if not self.token_ids:
+            raise ValueError("the model has no perception-token ids yet; call model.register_text_tokenizer(tok)")
+        return TokenIds.from_dict(self.token_ids)
+
+
+# So that Auto classes (e.g. AutoTokenizer reading a checkpoint's config.json) recognise the model type.
+AutoConfig.register(PerceptioConfig.model_type, PerceptioConfig, exist_ok=True)
