@@ -33,7 +33,7 @@ class PerceptioConfig(PretrainedConfig):
         token_ids: the perception-token ids in the text tokenizer the model was built with (a ``TokenIds``
             dict); set by ``register_text_tokenizer`` and checked when a tokenizer is paired with the model.
         loss_weights: weights of the named loss terms; missing names take ``DEFAULT_LOSS_WEIGHTS``.
-        seg_hidden_dim: width of the hidden layer of the ``[SEG]`` -> SAM2 prompt MLP (default: the LLM width).
+        seg_hidden_dim: width of the hidden layer of the segmentation-token -> SAM2 prompt MLP (default: the LLM width).
     """
 
     model_type = "perceptio"

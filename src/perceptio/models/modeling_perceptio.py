@@ -1,6 +1,6 @@
 """PerceptioForConditionalGeneration: InternVL + SAM2 + the depth tokenizer, one class for every use.
 
-Status: construction, perception-token registration, depth-tokenizer loading and the ``[SEG]`` -> SAM2
+Status: construction, perception-token registration, depth-tokenizer loading and the segmentation-token -> SAM2
 segmentation path are here; the training forward with the named loss terms and constrained generation
 (issue 4) build on them.
 """
@@ -26,7 +26,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
     Submodules:
         vlm: ``InternVLForConditionalGeneration`` (vision tower, projector, language model).
         segmenter: ``Sam2Model``; its image encoder is frozen, its mask decoder trains.
-        seg_projection: MLP (d -> d -> SAM2 width) from the last-layer hidden state at a ``[SEG]`` token to one
+        seg_projection: MLP (d -> d -> SAM2 width) from the last-layer hidden state at a segmentation token to one
             sparse prompt token of the SAM2 mask decoder (Sa2VA's mechanism).
         depth_tokenizer: the frozen depth VQ-VAE whose codes are the depth tokens.
     """
@@ -97,11 +97,11 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
     # ------------------------------------------------------------------------------------------- segmentation
 
     def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> torch.Tensor:
-        """Masks from ``[SEG]`` hidden states through the SAM2 mask decoder.
+        """Masks from segmentation-token hidden states through the SAM2 mask decoder.
 
         Args:
             sam_pixel_values: (B, 3, S, S) images preprocessed for SAM2 (resize + ImageNet normalisation).
-            seg_hidden: (B, N, D) last-layer hidden states at N ``[SEG]`` positions per image.
+            seg_hidden: (B, N, D) last-layer hidden states at N segmentation-token positions per image.
 
         Returns:
             mask_logits: (B, N, h, w) low-resolution mask logits (4x the last SAM2 feature map).

@@ -49,7 +49,7 @@ def _corpus() -> list[str]:
 
 
 def build_tiny_text_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE text tokenizer with InternVL's image tokens and the Qwen2 chat markers (no perception tokens)."""
+    """A byte-level BPE tokenizer with InternVL's image tokens and the Qwen2 chat markers (no perception tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(unk_token=None))
