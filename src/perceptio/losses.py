@@ -1,0 +1,154 @@
+"""The named loss terms of Perceptio as pure functions (spec.md A.6-A.9; decision 6). Imports torch only.
+
+Sequence terms take **next-token** logits and targets already aligned: ``logits[:, t]`` predicts
+``targets[:, t]`` (i.e. the caller has shifted them), with ``IGNORE_INDEX`` where nothing is supervised.
+Every term returns a scalar. A term whose targets are absent from the batch returns ``0 * (its input).sum()``:
+zero, yet attached to the graph, so every parameter that feeds it still gets a (zero) gradient and
+distributed training never waits for a gradient that does not come.
+
+Terms:
+
+* ``text``: cross-entropy over the full vocabulary on supervised positions that are not depth-span tokens;
+* ``depth_token``: cross-entropy at depth-code positions with the softmax restricted to the K code ids;
+* ``depth_marker``: cross-entropy of the depth-span start and end markers at their positions, averaged
+  separately so the two markers are not swamped by the codes, then averaged;
+* ``depth_count``: per span, ``|sum_t P_t(codes) - N| / N`` over the span's code positions plus the negative
+  log-probability of the end marker right after the N codes;
+* ``depth_recon``: MSE between the depth decoded from the soft (probability-weighted) codes and the depth
+  decoded from the target codes, through the frozen tokenizer decoder (soft merging);
+* ``mask_bce`` / ``mask_dice``: sigmoid BCE and Dice (smoothing 1) of mask logits against binary masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE_INDEX",
+    "depth_count_loss",
+    "depth_marker_loss",
+    "depth_recon_loss",
+    "depth_token_loss",
+    "mask_bce_loss",
+    "mask_dice_loss",
+    "text_loss",
+]
+
+IGNORE_INDEX = -100
+
+
+def _zero(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.sum() * 0.0
+
+
+def _code_positions(targets: torch.Tensor, code_ids: range) -> torch.Tensor:
+    return (targets >= code_ids.start) & (targets < code_ids.stop)
+
+
+def text_loss(logits: torch.Tensor, targets: torch.Tensor, *, exclude_ids: Iterable[int] = ()) -> torch.Tensor:
+    """Cross-entropy on supervised positions whose target is not in ``exclude_ids``.
+
+    Args:
+        logits: (B, T, V) next-token logits.
+        targets: (B, T) target ids, ``IGNORE_INDEX`` where unsupervised.
+        exclude_ids: target ids left to other terms (the depth-span tokens).
+    """
+    mask = targets != IGNORE_INDEX
+    excluded = torch.as_tensor(list(exclude_ids), dtype=targets.dtype, device=targets.device)
+    if excluded.numel():
+        mask &= ~torch.isin(targets, excluded)
+    if not bool(mask.any()):
+        return _zero(logits)
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
+def depth_token_loss(logits: torch.Tensor, targets: torch.Tensor, *, code_ids: range) -> torch.Tensor:
+    """Cross-entropy at depth-code positions over the K code logits only: (B, T, V), (B, T) -> scalar."""
+    mask = _code_positions(targets, code_ids)
+    if not bool(mask.any()):
+        return _zero(logits)
+    code_logits = logits[mask][:, code_ids.start : code_ids.stop].float()
+    return F.cross_entropy(code_logits, targets[mask] - code_ids.start)
+
+
+def depth_marker_loss(logits: torch.Tensor, targets: torch.Tensor, *, start_id: int, end_id: int) -> torch.Tensor:
+    """Mean of (CE at start-marker positions, CE at end-marker positions), over the markers present."""
+    terms = []
+    for marker in (start_id, end_id):
+        mask = targets == marker
+        if bool(mask.any()):
+            terms.append(F.cross_entropy(logits[mask].float(), targets[mask]))
+    if not terms:
+        return _zero(logits)
+    return torch.stack(terms).mean()
+
+
+def depth_count_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, code_ids: range, end_id: int, span_length: int
+) -> torch.Tensor:
+    """Pressure towards exactly ``span_length`` codes, then the end marker; averaged over the spans present.
+
+    For each sequence with a span: ``|sum over its code positions of P(any code)| - N| / N`` plus the NLL of
+    the end marker at its position (spec.md A.6, term 3).
+    """
+    codes = _code_positions(targets, code_ids)
+    ends = targets == end_id
+    rows = [b for b in range(targets.shape[0]) if bool(codes[b].any()) and bool(ends[b].any())]
+    if not rows:
+        return _zero(logits)
+    losses = []
+    for b in rows:
+        probs = torch.softmax(logits[b].float(), dim=-1)
+        code_mass = probs[codes[b]][:, code_ids.start : code_ids.stop].sum()
+        count_term = (code_mass - span_length).abs() / span_length
+        end_term = -torch.log(probs[ends[b], end_id].clamp_min(1e-12)).mean()
+        losses.append(count_term + end_term)
+    return torch.stack(losses).mean()
+
+
+def depth_recon_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    code_ids: range,
+    span_length: int,
+    decode_soft: Callable[..., torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Soft merging: decode ``softmax(code logits / temperature)`` and compare with the decoded target codes.
+
+    Only sequences holding exactly ``span_length`` code targets take part (a full span). ``decode_soft`` takes
+    ``logits=(M, N, K)`` and returns (M, H, W); ``decode`` takes codes (M, N) reshaped by the caller's
+    tokenizer, i.e. ``DepthTokenizer.decode_soft`` and ``lambda c: tokenizer.decode(c.view(M, h, w))``.
+    """
+    codes = _code_positions(targets, code_ids)
+    rows = [b for b in range(targets.shape[0]) if int(codes[b].sum()) == span_length]
+    if not rows:
+        return _zero(logits)
+    code_logits = torch.stack([logits[b][codes[b]][:, code_ids.start : code_ids.stop] for b in rows]).float()
+    target_codes = torch.stack([targets[b][codes[b]] - code_ids.start for b in rows])
+    predicted = decode_soft(logits=code_logits, temperature=temperature)
+    with torch.no_grad():
+        reference = decode(target_codes)
+    return F.mse_loss(predicted, reference)
+
+
+def mask_bce_loss(mask_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean sigmoid BCE of mask logits (N, H, W) against binary masks (N, H, W); 0 (attached) when N = 0."""
+    if mask_logits.numel() == 0:
+        return _zero(mask_logits)
+    return F.binary_cross_entropy_with_logits(mask_logits.float(), masks.float())
+
+
+def mask_dice_loss(mask_logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over masks of ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` with p = sigmoid(logits)."""
+    if mask_logits.numel() == 0:
+        return _zero(mask_logits)
+    p = torch.sigmoid(mask_logits.float()).flatten(1)
+    t = masks.float().flatten(1)
+    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return (1 - dice).mean()

@@ -1,0 +1,114 @@
+"""The named loss terms on hand-made logits: their values, and zero (but attached) when targets are absent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from perceptio.losses import (
+    IGNORE_INDEX,
+    depth_count_loss,
+    depth_marker_loss,
+    depth_recon_loss,
+    depth_token_loss,
+    mask_bce_loss,
+    mask_dice_loss,
+    text_loss,
+)
+from perceptio.tokenizers.depth import DepthTokenizer, DepthTokenizerConfig
+
+V, START, END, CODES = 8, 2, 3, range(4, 7)  # text ids 0, 1, 7; markers 2, 3; codes 4, 5, 6
+X = IGNORE_INDEX
+
+
+def test_text_loss_skips_span_tokens_and_ignored_positions() -> None:
+    logits = torch.zeros(1, 5, V)
+    logits[0, 0, 0] = 2.0
+    targets = torch.tensor([[0, 2, 4, 1, X]])
+    loss = text_loss(logits, targets, exclude_ids=[START, END, *CODES])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 7)) + math.log(8)) / 2  # positions 0 and 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_depth_token_loss_uses_only_the_code_logits() -> None:
+    logits = torch.zeros(1, 3, V)
+    logits[0, :, 0] = 100.0  # a huge text logit must not matter: the softmax is over the codes only
+    logits[0, 1, 4] = 1.0
+    targets = torch.tensor([[1, 4, 6]])  # code 4 at t=1, code 6 at t=2
+    expected = (-math.log(math.e / (math.e + 2)) + math.log(3)) / 2
+    assert depth_token_loss(logits, targets, code_ids=CODES).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_depth_marker_loss_averages_each_marker_separately() -> None:
+    logits = torch.zeros(1, 4, V)
+    logits[0, 0, START] = math.log(7.0)  # p(start) = 7/14 = 0.5 at t=0
+    targets = torch.tensor([[START, START, 5, END]])  # two starts (p 0.5 and 1/8), one end (1/8)
+    start_term = (math.log(2) + math.log(8)) / 2
+    expected = (start_term + math.log(8)) / 2
+    assert depth_marker_loss(logits, targets, start_id=START, end_id=END).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_depth_count_loss_by_hand() -> None:
+    logits = torch.zeros(2, 4, V)  # uniform: P(any code) = 3/8 per position, p(end) = 1/8
+    targets = torch.tensor([[START, 4, 5, END], [0, 1, 7, X]])  # the second sequence has no span
+    expected = abs(2 * 3 / 8 - 2) / 2 + math.log(8)
+    assert depth_count_loss(logits, targets, code_ids=CODES, end_id=END, span_length=2).item() == pytest.approx(
+        expected
+    )
+    confident = torch.zeros(1, 4, V)
+    confident[0, 1:3, 4:7] = 20.0
+    confident[0, 3, END] = 20.0
+    low = depth_count_loss(confident, targets[:1], code_ids=CODES, end_id=END, span_length=2).item()
+    assert low < 1e-6
+
+
+def test_depth_recon_loss_is_zero_for_confident_right_codes_and_differentiable() -> None:
+    config = DepthTokenizerConfig(input_size=16, channels=(8, 16), num_res_blocks=0, code_dim=4, num_codes=3)
+    tok = DepthTokenizer(config).eval().requires_grad_(False)
+    span = config.num_tokens  # 4x4 grid = 16 codes
+    target_codes = torch.randint(0, 3, (1, span))
+    targets = torch.cat([torch.tensor([[START]]), target_codes + CODES.start, torch.tensor([[END]])], dim=1)
+    logits = torch.zeros(1, span + 2, V)
+    logits[0, 1 : span + 1] = torch.nn.functional.one_hot(target_codes[0] + CODES.start, V) * 50.0
+    args = {
+        "code_ids": CODES,
+        "span_length": span,
+        "decode_soft": tok.decode_soft,
+        "decode": lambda c: tok.decode(c.view(-1, 4, 4)),
+    }
+    assert depth_recon_loss(logits, targets, **args).item() < 1e-8
+    noisy = torch.randn(1, span + 2, V, requires_grad=True)
+    loss = depth_recon_loss(noisy, targets, **args)
+    loss.backward()
+    assert loss.item() >= 0 and noisy.grad is not None and float(noisy.grad[0, 1 : span + 1, 4:7].abs().sum()) > 0
+    assert float(noisy.grad[0, 1 : span + 1, :4].abs().sum()) == 0  # only the code logits take part
+
+
+def test_mask_losses_by_hand() -> None:
+    logits = torch.zeros(1, 2, 2)
+    masks = torch.ones(1, 2, 2)
+    assert mask_bce_loss(logits, masks).item() == pytest.approx(math.log(2))
+    assert mask_dice_loss(logits, masks).item() == pytest.approx(1 - (2 * 2 + 1) / (2 + 4 + 1))
+    perfect = torch.full((1, 2, 2), 30.0)
+    assert mask_dice_loss(perfect, masks).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_every_term_is_zero_but_attached_when_its_targets_are_absent() -> None:
+    logits = torch.randn(1, 3, V, requires_grad=True)
+    text_only = torch.tensor([[0, 1, X]])
+    none = torch.full((1, 3), X)
+    terms = [
+        text_loss(logits, none),
+        depth_token_loss(logits, text_only, code_ids=CODES),
+        depth_marker_loss(logits, text_only, start_id=START, end_id=END),
+        depth_count_loss(logits, text_only, code_ids=CODES, end_id=END, span_length=2),
+        depth_recon_loss(logits, text_only, code_ids=CODES, span_length=2, decode_soft=None, decode=None),  # type: ignore[arg-type]
+    ]
+    mask_logits = torch.zeros(0, 4, 4, requires_grad=True)
+    terms += [mask_bce_loss(mask_logits, torch.zeros(0, 4, 4)), mask_dice_loss(mask_logits, torch.zeros(0, 4, 4))]
+    for term in terms:
+        assert term.item() == 0.0 and term.requires_grad
+    sum(terms).backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
