@@ -1,7 +1,16 @@
 """The Perceptio model: configuration, presets and the model class (built on transformers' InternVL and SAM2)."""
 
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS, PerceptioConfig
-from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, PerceptioOutput
 from perceptio.models.presets import PRESETS, ModelPreset
+from perceptio.models.processing import PerceptioProcessor
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "PRESETS", "ModelPreset", "PerceptioConfig", "PerceptioForConditionalGeneration"]
+__all__ = [
+    "DEFAULT_LOSS_WEIGHTS",
+    "PRESETS",
+    "ModelPreset",
+    "PerceptioConfig",
+    "PerceptioForConditionalGeneration",
+    "PerceptioOutput",
+    "PerceptioProcessor",
+]

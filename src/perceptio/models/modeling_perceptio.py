@@ -7,17 +7,45 @@ segmentation path are here; the training forward with the named loss terms and c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
 
+from perceptio.losses import (
+    depth_count_loss,
+    depth_marker_loss,
+    depth_recon_loss,
+    depth_token_loss,
+    mask_bce_loss,
+    mask_dice_loss,
+    text_loss,
+)
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.vocab import TokenIds, register_tokens
 
-__all__ = ["PerceptioForConditionalGeneration"]
+__all__ = ["PerceptioForConditionalGeneration", "PerceptioOutput"]
+
+
+@dataclass
+class PerceptioOutput:
+    """What :meth:`PerceptioForConditionalGeneration.forward` returns.
+
+    Attributes:
+        loss: the weighted sum of ``loss_terms`` (None without labels).
+        loss_terms: every named term (unweighted), present in every batch (zero when its targets are absent).
+        logits: (B, L, V).
+        mask_logits: per sample, (N_b, h, w) low-resolution logits of its segmentation tokens (None without masks).
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_logits: list[torch.Tensor | None] | None = None
 
 
 class PerceptioForConditionalGeneration(PreTrainedModel):
@@ -58,11 +86,31 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         model.freeze_frozen_parts()
         return model
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """What never trains (decision 7): the depth tokenizer; SAM2's image encoder, with the two convolutions
+        SAM2 applies to its high-resolution features inside the frozen feature path; and the SAM2 parts the
+        segmentation-token path does not use: the point and mask prompt embeddings (the dense prompt is the
+        learned no-mask embedding, which trains) and the IoU and object-score heads (training supervises mask
+        token 0 only, and inference reads token 0)."""
+        sam = self.segmenter
+        return [
+            self.depth_tokenizer,
+            sam.vision_encoder,
+            sam.mask_decoder.conv_s0,
+            sam.mask_decoder.conv_s1,
+            sam.mask_decoder.iou_prediction_head,
+            sam.mask_decoder.pred_obj_score_head,
+            sam.prompt_encoder.mask_embed,
+            sam.prompt_encoder.point_embed,
+            sam.prompt_encoder.not_a_point_embed,
+        ]
+
     def freeze_frozen_parts(self) -> None:
-        """Freeze what never trains: the depth tokenizer and SAM2's image encoder (decision 7)."""
-        for module in (self.depth_tokenizer, self.segmenter.vision_encoder):
+        """Freeze :meth:`frozen_modules` (and keep the depth tokenizer and image encoder in eval mode)."""
+        for module in self.frozen_modules():
             module.requires_grad_(False)
-            module.eval()
+        self.depth_tokenizer.eval()
+        self.segmenter.vision_encoder.eval()
 
     def train(self, mode: bool = True) -> PerceptioForConditionalGeneration:
         super().train(mode)
@@ -129,3 +177,103 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             high_resolution_features=embeddings[:-1],
         )
         return masks[:, :, 0]
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        gt_masks: list[torch.Tensor | None] | None = None,
+    ) -> PerceptioOutput:
+        """Run the VLM and, with ``labels``, every named loss term.
+
+        Args:
+            input_ids: (B, L) prompt + target ids (see :class:`~perceptio.models.processing.PerceptioProcessor`).
+            attention_mask: (B, L).
+            pixel_values: (B, 3, s, s) InternVL pixels.
+            labels: (B, L) with ``IGNORE_INDEX`` on the prompt and padding.
+            sam_pixel_values: (B, 3, S, S) SAM2 pixels (needed when any sample has target masks).
+            gt_masks: per sample, bool (N_b, H, W) target masks, one per segmentation token in its sequence, or None.
+
+        Returns:
+            A :class:`PerceptioOutput`.
+        """
+        outputs = self.vlm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        logits = outputs.logits
+        if labels is None:
+            return PerceptioOutput(loss=None, logits=logits)
+        ids = self.config.resolved_token_ids
+        span_length = self.config.vocab.span_length
+        grid = self.config.depth_tokenizer.grid
+        step_logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+        terms = {
+            "text": text_loss(step_logits, targets, exclude_ids=[ids.depth_start, ids.depth_end, *ids.code_ids]),
+            "depth_token": depth_token_loss(step_logits, targets, code_ids=ids.code_ids),
+            "depth_marker": depth_marker_loss(step_logits, targets, start_id=ids.depth_start, end_id=ids.depth_end),
+            "depth_count": depth_count_loss(
+                step_logits, targets, code_ids=ids.code_ids, end_id=ids.depth_end, span_length=span_length
+            ),
+            "depth_recon": depth_recon_loss(
+                step_logits,
+                targets,
+                code_ids=ids.code_ids,
+                span_length=span_length,
+                # unclamped: a saturated (clamped) decoder output would carry no gradient
+                decode_soft=lambda **kw: self.depth_tokenizer.decode_soft(**kw, clamp=False),
+                decode=lambda codes: self.depth_tokenizer.decode(codes.view(-1, *grid), clamp=False),
+            ),
+        }
+        mask_logits, bce, dice = self._mask_terms(outputs.hidden_states[-1], input_ids, sam_pixel_values, gt_masks)
+        terms.update(mask_bce=bce, mask_dice=dice)
+        weights = self.config.loss_weights
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits)
+
+    def _mask_terms(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None,
+        gt_masks: list[torch.Tensor | None] | None,
+    ) -> tuple[list[torch.Tensor | None] | None, torch.Tensor, torch.Tensor]:
+        """Mask BCE and Dice over every segmentation token with a target mask (Sa2VA convention: the hidden state
+        computed with the segmentation token as input). Without any, a zero-weighted pass through the projection
+        and the mask decoder keeps their parameters in the graph."""
+        seg = input_ids == self.config.resolved_token_ids.seg
+        has_masks = gt_masks is not None and any(m is not None and len(m) for m in gt_masks)
+        if not has_masks:
+            side = self.config.segmenter_config.prompt_encoder_config.image_size
+            pixels = sam_pixel_values[:1] if sam_pixel_values is not None else hidden.new_zeros(1, 3, side, side)
+            dummy = self.segment(pixels, hidden[:1, :1])
+            return None, dummy.sum() * 0.0, dummy.sum() * 0.0
+        if sam_pixel_values is None:
+            raise ValueError("gt_masks need sam_pixel_values (the processor makes them)")
+        per_sample: list[torch.Tensor | None] = []
+        all_logits, all_targets = [], []
+        for b, target in enumerate(gt_masks):  # type: ignore[arg-type]
+            count = int(seg[b].sum())
+            if target is None or len(target) == 0:
+                per_sample.append(None)
+                continue
+            if count != len(target):
+                raise ValueError(
+                    f"sample {b} has {count} segmentation token(s) in its sequence but {len(target)} target mask(s); "
+                    "the target text must hold one segmentation token per mask"
+                )
+            logits = self.segment(sam_pixel_values[b : b + 1], hidden[b][seg[b]][None])[0]
+            resized = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")[:, 0]
+            per_sample.append(logits)
+            all_logits.append(logits)
+            all_targets.append(resized.to(logits.device))
+        logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+        return per_sample, mask_bce_loss(logits, targets), mask_dice_loss(logits, targets)

@@ -197,8 +197,9 @@ class DepthTokenizer(nn.Module):
             out.append(resize_nearest(normalized, self.config.input_size)[0])
         return torch.stack(out)
 
-    def _decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        return ((self.decoder(latent)[:, 0] + 1) / 2).clamp(0, 1)
+    def _decode_latent(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        depth = (self.decoder(latent)[:, 0] + 1) / 2
+        return depth.clamp(0, 1) if clamp else depth
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor | None = None) -> DepthTokenizerOutput:
         """Encode, quantise (EMA update in training mode) and decode a batch (B, H, W) in [0, 1].
@@ -233,12 +234,18 @@ class DepthTokenizer(nn.Module):
         return self.quantizer(latent, update=False).codes
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Codes (B, h, w) -> depth (B, H, W) in [0, 1]. Inference only; :meth:`decode_soft` is differentiable."""
-        return self._decode_latent(self.quantizer.lookup(self._check_codes(codes)))
+    def decode(self, codes: torch.Tensor | np.ndarray, *, clamp: bool = True) -> torch.Tensor:
+        """Codes (B, h, w) -> depth (B, H, W) in [0, 1] (``clamp=False``: the raw decoder output, same scale).
+        Inference only; :meth:`decode_soft` is differentiable."""
+        return self._decode_latent(self.quantizer.lookup(self._check_codes(codes)), clamp)
 
     def decode_soft(
-        self, probs: torch.Tensor | None = None, *, logits: torch.Tensor | None = None, temperature: float = 1.0
+        self,
+        probs: torch.Tensor | None = None,
+        *,
+        logits: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        clamp: bool = True,
     ) -> torch.Tensor:
         """Soft merging: decode the probability-weighted average of codebook vectors.
 
@@ -246,6 +253,7 @@ class DepthTokenizer(nn.Module):
             probs: (B, h, w, K) or (B, N, K) probabilities over the K codes (each row sums to 1).
             logits: alternatively, (B, h, w, K) or (B, N, K) logits; ``softmax(logits / temperature)`` is used.
             temperature: softmax temperature for ``logits``.
+            clamp: clamp to [0, 1]; a training loss passes False, since clamped values carry no gradient.
 
         Returns:
             (B, H, W) in [0, 1]; gradients flow to ``probs`` / ``logits``. One-hot ``probs`` give exactly
@@ -264,7 +272,7 @@ class DepthTokenizer(nn.Module):
         if weights.ndim != 4 or tuple(weights.shape[1:3]) != (h, w):
             raise DepthInputError(f"expected (B, {h}, {w}, {k}) or (B, {h * w}, {k}), got {tuple(weights.shape)}")
         weights = weights.to(dtype=self.quantizer.codebook.dtype)
-        return self._decode_latent(self.quantizer.soft_lookup(weights))
+        return self._decode_latent(self.quantizer.soft_lookup(weights), clamp)
 
     def codes_to_text(self, codes: torch.Tensor | np.ndarray) -> str:
         """One code grid (h, w) -> its depth span text (start marker, h * w code tokens, end marker)."""
