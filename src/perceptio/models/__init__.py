@@ -1,7 +1,7 @@
 """The Perceptio model: configuration, presets and the model class (built on transformers' InternVL and SAM2)."""
 
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS, PerceptioConfig
-from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, PerceptioOutput
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, PerceptioOutput, Prediction
 from perceptio.models.presets import PRESETS, ModelPreset
 from perceptio.models.processing import PerceptioProcessor
 
@@ -13,4 +13,5 @@ __all__ = [
     "PerceptioForConditionalGeneration",
     "PerceptioOutput",
     "PerceptioProcessor",
+    "Prediction",
 ]

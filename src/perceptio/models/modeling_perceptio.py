@@ -7,13 +7,16 @@ segmentation path are here; the training forward with the named loss terms and c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
-from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
+from transformers import InternVLForConditionalGeneration, LogitsProcessorList, PreTrainedModel, Sam2Model
 
 from perceptio.losses import (
     depth_count_loss,
@@ -25,10 +28,35 @@ from perceptio.losses import (
     text_loss,
 )
 from perceptio.models.configuration_perceptio import PerceptioConfig
+from perceptio.models.generation import DepthSpanLogitsProcessor, parse_generated
+from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.vocab import TokenIds, register_tokens
 
-__all__ = ["PerceptioForConditionalGeneration", "PerceptioOutput"]
+__all__ = ["PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """One answer of :meth:`PerceptioForConditionalGeneration.predict`.
+
+    Attributes:
+        answer: the answer text (spatial tokens removed).
+        masks: one bool (H, W) mask per generated segmentation token, at the original image size.
+        depth: the decoded depth span as float32 (H, W) in [0, 1] (1 = nearest) at the original size, or None.
+        depth_codes: the span's codes (h, w), or None.
+        text: the raw generated text, special tokens kept.
+        token_ids: the generated ids (up to the end of the turn).
+        issues: malformed parts of the generation, in words (empty when well-formed).
+    """
+
+    answer: str
+    masks: list[np.ndarray]
+    depth: np.ndarray | None
+    depth_codes: np.ndarray | None
+    text: str
+    token_ids: list[int]
+    issues: list[str]
 
 
 @dataclass
@@ -277,3 +305,131 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             all_targets.append(resized.to(logits.device))
         logits, targets = torch.cat(all_logits), torch.cat(all_targets)
         return per_sample, mask_bce_loss(logits, targets), mask_dice_loss(logits, targets)
+
+    # --------------------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        processor: PerceptioProcessor,
+        *,
+        max_new_tokens: int | None = None,
+        constrain: bool = True,
+        spatial: bool = True,
+        require_depth_span: bool = False,
+        batch_size: int = 8,
+    ) -> list[Prediction]:
+        """Answer ``prompts`` about ``images`` greedily, then decode masks and depth.
+
+        Args:
+            images: one RGB image per prompt.
+            prompts: the queries.
+            processor: the model's processor (text tokenizer, image preprocessing).
+            max_new_tokens: generation budget (default: a depth span plus 32 tokens).
+            constrain: enforce the depth-span grammar while decoding (off: measure its effect).
+            spatial: False bans every spatial token (direct answering).
+            require_depth_span: make every answer open with a depth span.
+            batch_size: prompts per generation batch (left padding, KV cache).
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; one image per prompt")
+        self.check_text_tokenizer(processor.text_tokenizer)
+        self.eval()
+        span_length = self.config.vocab.span_length
+        budget = max_new_tokens or span_length + 34
+        out: list[Prediction] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk_images = list(images[start : start + batch_size])
+            out += self._predict_batch(
+                chunk_images,
+                list(prompts[start : start + batch_size]),
+                processor,
+                budget,
+                constrain,
+                spatial,
+                require_depth_span,
+            )
+        return out
+
+    def _predict_batch(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        processor: PerceptioProcessor,
+        budget: int,
+        constrain: bool,
+        spatial: bool,
+        require_span: bool,
+    ) -> list[Prediction]:
+        ids = self.config.resolved_token_ids
+        span_length = self.config.vocab.span_length
+        device = self.device
+        batch = processor(images, prompts).to(device)
+        prompt_length = batch["input_ids"].shape[1]
+        processors = LogitsProcessorList()
+        if constrain or not spatial or require_span:
+            processors.append(
+                DepthSpanLogitsProcessor(ids, span_length, prompt_length, spatial=spatial, require_span=require_span)
+            )
+        tokenizer = processor.text_tokenizer
+        sequences = self.vlm.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=budget,
+            do_sample=False,
+            use_cache=True,
+            logits_processor=processors,
+            eos_token_id=processor.turn_end_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        generated = sequences[:, prompt_length:]
+        lengths = []
+        for row in generated.tolist():  # up to (not including) the end of the turn
+            lengths.append(row.index(processor.turn_end_id) if processor.turn_end_id in row else len(row))
+        parsed = [
+            parse_generated(row[:n], ids, span_length) for row, n in zip(generated.tolist(), lengths, strict=True)
+        ]
+        hidden = None
+        if any(p.seg_positions for p in parsed):  # hidden states at the generated segmentation tokens
+            gen_mask = (
+                torch.arange(generated.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+            )
+            attention = torch.cat([batch["attention_mask"], gen_mask.long()], dim=1)
+            outputs = self.vlm(
+                input_ids=sequences,
+                attention_mask=attention,
+                pixel_values=batch["pixel_values"],
+                output_hidden_states=True,
+            )
+            hidden = outputs.hidden_states[-1]
+        grid = self.config.depth_tokenizer.grid
+        predictions = []
+        for b, (image, parse) in enumerate(zip(images, parsed, strict=True)):
+            size = (image.height, image.width)
+            masks: list[np.ndarray] = []
+            if parse.seg_positions and hidden is not None:
+                positions = torch.tensor(parse.seg_positions, device=device) + prompt_length
+                logits = self.segment(batch["sam_pixel_values"][b : b + 1], hidden[b, positions][None])
+                full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
+                masks = [m.cpu().numpy() > 0 for m in full]
+            depth = codes = None
+            if parse.depth_codes is not None:
+                codes = parse.depth_codes.reshape(grid)
+                decoded = self.depth_tokenizer.decode(torch.from_numpy(codes)[None].to(device))
+                depth = F.interpolate(decoded[:, None], size=size, mode="nearest-exact")[0, 0].cpu().numpy()
+            row = generated[b, : lengths[b]].tolist()
+            predictions.append(
+                Prediction(
+                    answer=tokenizer.decode(parse.text_ids, skip_special_tokens=True).strip(),
+                    masks=masks,
+                    depth=depth,
+                    depth_codes=codes,
+                    text=tokenizer.decode(row, skip_special_tokens=False),
+                    token_ids=row,
+                    issues=parse.issues,
+                )
+            )
+        return predictions
