@@ -91,10 +91,19 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
     base_model_prefix = "perceptio"
     main_input_name = "input_ids"
 
-    def __init__(self, config: PerceptioConfig) -> None:
+    def __init__(
+        self,
+        config: PerceptioConfig,
+        *,
+        vlm: InternVLForConditionalGeneration | None = None,
+        segmenter: Sam2Model | None = None,
+        depth_tokenizer: DepthTokenizer | None = None,
+    ) -> None:
+        """Build from ``config``; pretrained submodules may be passed in (see ``perceptio.models.build``) and are
+        used as they are, not re-initialised."""
         super().__init__(config)
-        self.vlm = InternVLForConditionalGeneration(config.vlm_config)
-        self.segmenter = Sam2Model(config.segmenter_config)
+        self.vlm = vlm if vlm is not None else InternVLForConditionalGeneration(config.vlm_config)
+        self.segmenter = segmenter if segmenter is not None else Sam2Model(config.segmenter_config)
         width = config.vlm_config.text_config.hidden_size
         hidden = config.seg_hidden_dim or width
         self.seg_projection = nn.Sequential(
@@ -102,7 +111,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             nn.ReLU(),
             nn.Linear(hidden, config.segmenter_config.mask_decoder_config.hidden_size),
         )
-        self.depth_tokenizer = DepthTokenizer(config.depth_tokenizer)
+        self.depth_tokenizer = (
+            depth_tokenizer if depth_tokenizer is not None else DepthTokenizer(config.depth_tokenizer)
+        )
         self.post_init()
         self.freeze_frozen_parts()
 

@@ -1,0 +1,92 @@
+"""Building a Perceptio model: the tiny preset, or real backbones from local directories.
+
+Real checkpoints are never downloaded. A user provides (see docs/model.md for the layout):
+
+* an InternVL checkpoint in transformers ("-hf") format: ``config.json``, ``*.safetensors``, the text
+  tokenizer files and ``preprocessor_config.json`` (e.g. a local snapshot of InternVL3-1B-hf);
+* a SAM2 / SAM2.1 checkpoint in transformers format (``Sam2Model``), e.g. sam2.1-hiera-large;
+* optionally a trained depth tokenizer (``perceptio tokenizer train``); without one, a randomly initialised
+  tokenizer of the given preset is used, which is only useful for smoke tests.
+
+Both paths go through :class:`PerceptioForConditionalGeneration`; the difference is only where the weights come
+from. Loading refuses pickled weights (``use_safetensors=True``) and remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Model
+
+from perceptio.models.configuration_perceptio import PerceptioConfig
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.presets import PRESETS
+from perceptio.models.processing import PerceptioProcessor
+from perceptio.tokenizers.depth.model import DepthTokenizer
+
+__all__ = ["build_preset", "from_components"]
+
+
+def build_preset(name: str = "tiny", *, seed: int = 0) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """A randomly initialised model of a named preset, with its text tokenizer registered, and its processor."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    text_tokenizer = preset.text_tokenizer()
+    torch.manual_seed(seed)
+    model = PerceptioForConditionalGeneration(preset.config(text_tokenizer))
+    model.register_text_tokenizer(text_tokenizer)
+    return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
+
+
+def _require_checkpoint(path: Path, what: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}/config.json not found: {what} must be a local checkpoint folder in transformers format"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors weights in {path}; pickled .bin checkpoints are not loaded")
+    return path
+
+
+def from_components(
+    vlm_dir: str | Path,
+    segmenter_dir: str | Path,
+    depth_tokenizer_dir: str | Path | None = None,
+    *,
+    depth_tokenizer_preset: str = "aurora",
+    dtype: torch.dtype | None = None,
+) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """Compose Perceptio from pretrained InternVL and SAM2 checkpoints (and a depth tokenizer) on disk.
+
+    Returns:
+        The model (perception tokens registered, embeddings resized) and its processor.
+    """
+    vlm_dir = _require_checkpoint(Path(vlm_dir), "the InternVL model")
+    segmenter_dir = _require_checkpoint(Path(segmenter_dir), "the SAM2 model")
+    text_tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
+    missing = [
+        name
+        for name in ("context_image_token", "start_image_token", "end_image_token")
+        if not getattr(text_tokenizer, name, None)
+    ]
+    if missing:
+        raise ValueError(
+            f"{vlm_dir}: the text tokenizer lacks InternVL's image tokens ({missing}); use an InternVL -hf checkpoint"
+        )
+    vlm = InternVLForConditionalGeneration.from_pretrained(vlm_dir, use_safetensors=True, dtype=dtype)
+    segmenter = Sam2Model.from_pretrained(segmenter_dir, use_safetensors=True, dtype=dtype)
+    # Only mask token 0 is trained and read; the stability-based swap to other tokens would pick untrained ones.
+    segmenter.config.mask_decoder_config.dynamic_multimask_via_stability = False
+    segmenter.mask_decoder.dynamic_multimask_via_stability = False
+    if depth_tokenizer_dir is not None:
+        depth_tokenizer = DepthTokenizer.from_pretrained(depth_tokenizer_dir)
+    else:
+        depth_tokenizer = DepthTokenizer.from_preset(depth_tokenizer_preset)
+    config = PerceptioConfig(
+        vlm_config=vlm.config, segmenter_config=segmenter.config, depth_tokenizer_config=depth_tokenizer.config
+    )
+    model = PerceptioForConditionalGeneration(config, vlm=vlm, segmenter=segmenter, depth_tokenizer=depth_tokenizer)
+    model.register_text_tokenizer(text_tokenizer)
+    return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
