@@ -67,6 +67,9 @@ class PerceptioConfig(PretrainedConfig):
             raise ValueError(f"loss weights must be non-negative, got {self.loss_weights}")
         self.token_ids = dict(token_ids) if token_ids else None
         self.seg_hidden_dim = seg_hidden_dim
+        # Surface the language model's embedding tying, so tools that read the top-level config (peft's trainable
+        # token rows, for one) treat the tied input embeddings and LM head as one matrix.
+        kwargs["tie_word_embeddings"] = bool(getattr(self.vlm_config.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 
     @property

@@ -90,6 +90,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
     config_class = PerceptioConfig
     base_model_prefix = "perceptio"
     main_input_name = "input_ids"
+    # No ties of our own; a dict (not None) makes tools collect the sub-models' ties (InternVL's LM head and
+    # input embeddings), as peft does for trainable token rows.
+    _tied_weights_keys: dict[str, str] = {}  # noqa: RUF012 - the transformers convention for this attribute
 
     def __init__(
         self,
@@ -116,6 +119,12 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         )
         self.post_init()
         self.freeze_frozen_parts()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.vlm.get_output_embeddings()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> PerceptioForConditionalGeneration:  # noqa: ANN002, ANN003

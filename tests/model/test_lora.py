@@ -1,0 +1,77 @@
+"""LoRA adapters: what trains, that training reduces the loss, saving adapters, and merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+
+from perceptio.models import PerceptioForConditionalGeneration, build_preset
+from perceptio.models.lora import LoraSettings, apply_lora, merge_lora
+
+
+def _batch(processor):  # noqa: ANN001, ANN202
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 8:40, 8:40] = True
+    return processor([image], ["Please segment the cube."], ["Sure, [SEG]."]), [mask]
+
+
+def test_lora_trains_only_adapters_token_rows_and_heads_and_merges(tmp_path: Path) -> None:
+    model, processor = build_preset("tiny")
+    wrapped = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
+    assert not any("vision_tower" in n or "depth_tokenizer" in n or "iou_prediction_head" in n for n in trainable)
+    assert not any("language_model" in n and "lora" not in n and "trainable_tokens" not in n for n in trainable)
+    batch, masks = _batch(processor)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=5e-3)
+    first = wrapped(**batch, gt_masks=masks).loss.item()
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = wrapped(**batch, gt_masks=masks).loss
+        loss.backward()
+        assert all(p.grad is not None for n, p in wrapped.named_parameters() if p.requires_grad), (
+            "a trainable part got no gradient"
+        )
+        optimizer.step()
+    wrapped.eval()
+    last = wrapped(**batch, gt_masks=masks).loss.item()
+    # A random tiny LM caps what LoRA can do to the text term (its tied, frozen, tiny embeddings bound the logit
+    # scale), so the bar is a clear decrease, with the mask terms fitted; full fine-tuning fits it all.
+    assert last < 0.8 * first, (first, last)
+
+    wrapped.save_pretrained(tmp_path / "adapter")
+    assert list((tmp_path / "adapter").glob("*.safetensors"))
+    expected = wrapped(**batch, gt_masks=masks).logits
+    merged = merge_lora(wrapped)
+    assert isinstance(merged, PerceptioForConditionalGeneration) and not any(
+        "lora" in n for n, _ in merged.named_parameters()
+    )
+    torch.testing.assert_close(merged(**batch, gt_masks=masks).logits, expected, rtol=1e-4, atol=1e-4)
+    assert not any(p.requires_grad for p in merged.segmenter.vision_encoder.parameters())
+
+
+def test_adapters_reload_onto_a_fresh_base(tmp_path: Path) -> None:
+    model, processor = build_preset("tiny", seed=3)
+    wrapped = apply_lora(model, LoraSettings(r=4, dropout=0.0))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # make the adapter do something
+    wrapped.eval()
+    batch, _ = _batch(processor)
+    expected = wrapped(**batch).logits
+    wrapped.save_pretrained(tmp_path)
+    base, _ = build_preset("tiny", seed=3)
+    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+
+def test_lora_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="r >= 1"):
+        LoraSettings(r=0)
