@@ -51,6 +51,7 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         self.require_span = require_span
         self._seen = prompt_length
         self._codes: torch.Tensor | None = None  # per row: -1 before a span, 0..N inside, N + 1 after it
+        self._table: torch.Tensor | None = None
 
     def _advance(self, input_ids: torch.Tensor) -> None:
         if self._codes is None:
@@ -68,33 +69,42 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
             self._codes = torch.where(end, torch.full_like(state, self.span_length + 1), state)
         self._seen = input_ids.shape[1]
 
+    # Grammar states; each has one precomputed additive bias row (0 = allowed, -inf = banned).
+    _BEFORE, _INSIDE, _FULL, _AFTER, _FIRST, _NO_SPATIAL = range(6)
+
+    def _bias_table(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        ids = self.ids
+        codes = slice(ids.first_code, ids.first_code + ids.num_depth_codes)
+        banned = torch.zeros(6, vocab_size, dtype=torch.bool, device=device)
+        banned[self._BEFORE, codes] = True
+        banned[self._BEFORE, ids.depth_end] = True
+        banned[self._INSIDE] = True
+        banned[self._INSIDE, codes] = False  # inside: codes only
+        banned[self._FULL] = True
+        banned[self._FULL, ids.depth_end] = False  # after N codes: the end marker only
+        banned[self._AFTER] = banned[self._BEFORE]
+        banned[self._AFTER, ids.depth_start] = True  # at most one span
+        banned[self._FIRST] = True
+        banned[self._FIRST, ids.depth_start] = False
+        banned[self._NO_SPATIAL, codes] = True
+        banned[self._NO_SPATIAL, [ids.seg, ids.depth_start, ids.depth_end]] = True
+        table = torch.zeros(6, vocab_size, dtype=dtype, device=device)
+        return table.masked_fill(banned, float("-inf"))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._advance(input_ids)
-        state = self._codes
-        ids = self.ids
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        codes = slice(ids.first_code, ids.first_code + ids.num_depth_codes)
+        if getattr(self, "_table", None) is None or self._table.shape[1] != scores.shape[1]:
+            self._table = self._bias_table(scores.shape[1], scores.dtype, scores.device)
         if not self.spatial:
-            banned[:, [ids.seg, ids.depth_start, ids.depth_end]] = True
-            banned[:, codes] = True
-            return scores.masked_fill(banned, float("-inf"))
-        outside = (state == -1) | (state == self.span_length + 1)
-        banned[outside, codes] = True
-        banned[outside, ids.depth_end] = True
-        banned[state == self.span_length + 1, ids.depth_start] = True  # at most one span
-        inside = (state >= 0) & (state < self.span_length)
-        allowed_inside = torch.ones_like(scores, dtype=torch.bool)
-        allowed_inside[:, codes] = False
-        banned |= inside[:, None] & allowed_inside  # inside: codes only
-        full = state == self.span_length
-        only_end = torch.ones_like(scores, dtype=torch.bool)
-        only_end[:, ids.depth_end] = False
-        banned |= full[:, None] & only_end  # after N codes: the end marker only
+            return scores + self._table[self._NO_SPATIAL]
+        state = self._codes
+        category = torch.full_like(state, self._BEFORE)
+        category = torch.where((state >= 0) & (state < self.span_length), self._INSIDE, category)
+        category = torch.where(state == self.span_length, self._FULL, category)
+        category = torch.where(state == self.span_length + 1, self._AFTER, category)
         if self.require_span and input_ids.shape[1] == self.prompt_length:
-            only_start = torch.ones_like(scores, dtype=torch.bool)
-            only_start[:, ids.depth_start] = False
-            banned |= only_start
-        return scores.masked_fill(banned, float("-inf"))
+            category = torch.full_like(state, self._FIRST)
+        return scores + self._table[category]
 
 
 @dataclass
