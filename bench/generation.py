@@ -2,10 +2,11 @@
 
 Prints, side by side from one run: ms per query and decode tokens/s with the KV cache and without it, and the
 share of decode time spent in the depth-span logits processor (target: under 10 %). The tiny preset is used
-with the `aurora` tokenizer geometry, so the span holds 100 codes as in the paper; weights are random, and
-every query is made to open with a depth span, so each one decodes the full span.
+with the `aurora` tokenizer geometry, so the span holds 100 codes as in the paper (random weights); the smol
+preset (SmolLM2-135M) keeps its tiny tokenizer's 64-code span. Every query is made to open with a depth span,
+so each one decodes the full span, plus up to 12 answer tokens.
 
-    .venv/bin/python bench/generation.py [--queries 16] [--batch-size 8]
+    .venv/bin/python bench/generation.py [--preset tiny|smol] [--queries 16] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import torch
 from PIL import Image
 
 
-def build(seed: int = 0):  # noqa: ANN201
-    from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor
+def build(preset: str, seed: int = 0):  # noqa: ANN201
+    from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor, build_preset
+
+    if preset == "smol":  # SmolLM2-135M; its span is the tiny tokenizer's 8x8 = 64 codes
+        model, processor = build_preset("smol", seed=seed)
+        return model.eval(), processor
     from perceptio.tokenizers.depth import DepthTokenizerConfig
 
     tokenizer = PRESETS["tiny"].text_tokenizer()
@@ -64,14 +69,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--preset", choices=("tiny", "smol"), default="tiny")
     args = parser.parse_args()
 
-    model, processor = build()
+    model, processor = build(args.preset)
+    span = model.config.vocab.span_length
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(args.queries)]
     prompts = ["What is the depth map for the image? Which point is the closest to the camera?"] * args.queries
     run(model, processor, images[:2], prompts[:2], batch_size=2, use_cache=True)  # warm-up
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny preset, 100-code span, random weights")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset} preset, {span}-code span")
     print(f"{'setting':26} {'ms/query':>9} {'tokens/s':>9} {'processor share':>16}")
     for label, batch, cache in (
         ("KV cache, batch 1", 1, True),

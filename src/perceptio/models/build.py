@@ -33,6 +33,8 @@ def build_preset(name: str = "tiny", *, seed: int = 0) -> tuple[PerceptioForCond
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
     preset = PRESETS[name]
+    if preset.build is not None:  # presets with pretrained parts build themselves (config comes with the weights)
+        return preset.build(seed)
     text_tokenizer = preset.text_tokenizer()
     torch.manual_seed(seed)
     model = PerceptioForConditionalGeneration(preset.config(text_tokenizer))

