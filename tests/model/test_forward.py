@@ -68,7 +68,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_every_batch_type(kind: str
     assert not any(p.grad is not None for p in model.depth_tokenizer.parameters())
     present = {
         "text": {"text"},
-        "segmentation": {"text", "mask_bce", "mask_dice"},
+        "segmentation": {"text", "mask_bce", "mask_dice", "mask_iou"},
         "depth": {"text", "depth_token", "depth_marker", "depth_count", "depth_recon"},
     }[kind]
     for name, value in output.loss_terms.items():

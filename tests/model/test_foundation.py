@@ -76,6 +76,7 @@ def test_config_defaults_validation_and_round_trip(tmp_path: Path) -> None:
         "depth_recon": 0.5,
         "mask_bce": 2.0,
         "mask_dice": 0.5,
+        "mask_iou": 1.0,
     }
     assert config.vocab == PerceptionVocab(num_depth_codes=32, depth_grid=(8, 8))
     config.save_pretrained(tmp_path)
@@ -94,13 +95,32 @@ def test_segmentation_path_shapes_and_gradients(tiny) -> None:  # noqa: ANN001
     model, _ = tiny
     model.zero_grad()
     hidden = torch.randn(2, 3, 64, requires_grad=True)
-    masks = model.segment(torch.randn(2, 3, 64, 64), hidden)
-    assert masks.shape == (2, 3, 16, 16)
-    masks.square().mean().backward()
+    masks, iou = model.segment(torch.randn(2, 3, 64, 64), hidden)
+    assert masks.shape == (2, 3, 3, 16, 16) and iou.shape == (2, 3, 3)  # three candidates per object
+    (masks.square().mean() + iou.sum()).backward()
     assert hidden.grad is not None and float(hidden.grad.abs().sum()) > 0
     assert all(p.grad is not None for p in model.seg_projection.parameters())
-    assert model.segmenter.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.grad is not None
+    assert model.segmenter.mask_decoder.output_hypernetworks_mlps[1].layers[0].weight.grad is not None
+    assert model.segmenter.mask_decoder.iou_prediction_head.proj_in.weight.grad is not None
     assert all(p.grad is None for p in model.segmenter.vision_encoder.parameters())
+
+
+def test_best_iou_candidate_is_selected() -> None:
+    logits = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.float32).view(2, 1, 3, 2, 2)
+    iou = torch.tensor([[[0.1, 0.9, 0.3]], [[0.8, 0.1, 0.2]]])
+    selected = PerceptioForConditionalGeneration.select_masks(None, logits, iou)  # type: ignore[arg-type]
+    assert torch.equal(selected[0, 0], logits[0, 0, 1]) and torch.equal(selected[1, 0], logits[1, 0, 0])
+
+
+def test_single_mask_mode_uses_decoder_token_zero() -> None:
+    tokenizer = PRESETS["tiny"].text_tokenizer()
+    config = PRESETS["tiny"].config(tokenizer)
+    config.seg_multimask = False
+    model = PerceptioForConditionalGeneration(config)
+    masks, iou = model.segment(torch.randn(1, 3, 64, 64), torch.randn(1, 2, 64))
+    assert masks.shape == (1, 2, 1, 16, 16) and iou.shape == (1, 2, 1)
+    assert not any(p.requires_grad for p in model.segmenter.mask_decoder.iou_prediction_head.parameters())
+    assert all(p.requires_grad for p in model.segmenter.mask_decoder.output_hypernetworks_mlps[0].parameters())
 
 
 def test_frozen_parts_and_trainable_parts(tiny) -> None:  # noqa: ANN001

@@ -26,7 +26,7 @@ def test_lora_trains_only_adapters_token_rows_and_heads_and_merges(tmp_path: Pat
     wrapped = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
-    assert not any("vision_tower" in n or "depth_tokenizer" in n or "iou_prediction_head" in n for n in trainable)
+    assert not any("vision_tower" in n or "depth_tokenizer" in n or "pred_obj_score_head" in n for n in trainable)
     assert not any("language_model" in n and "lora" not in n and "trainable_tokens" not in n for n in trainable)
     batch, masks = _batch(processor)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=5e-3)

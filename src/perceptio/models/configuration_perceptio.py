@@ -20,6 +20,9 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "depth_recon": 0.5,
     "mask_bce": 2.0,
     "mask_dice": 0.5,
+    # Not in decision 6: with SAM2's multimask output (spec.md A.3), the IoU head that picks a mask at inference
+    # must learn the candidates' IoU; SAM trains it with an MSE of weight 1.
+    "mask_iou": 1.0,
 }
 
 
@@ -34,6 +37,9 @@ class PerceptioConfig(PretrainedConfig):
             dict); set by ``register_text_tokenizer`` and checked when a tokenizer is paired with the model.
         loss_weights: weights of the named loss terms; missing names take ``DEFAULT_LOSS_WEIGHTS``.
         seg_hidden_dim: width of the hidden layer of the segmentation-token -> SAM2 prompt MLP (default: the LLM width).
+        seg_multimask: use SAM2's three candidate masks: training supervises the best-matching one and the IoU
+            head, inference keeps the candidate with the highest predicted IoU (spec.md A.3). False: one mask
+            (decoder token 0), no IoU head.
     """
 
     model_type = "perceptio"
@@ -47,6 +53,7 @@ class PerceptioConfig(PretrainedConfig):
         token_ids: dict[str, int] | None = None,
         loss_weights: dict[str, float] | None = None,
         seg_hidden_dim: int | None = None,
+        seg_multimask: bool = True,
         **kwargs: Any,
     ) -> None:
         self.vlm_config = (
@@ -67,6 +74,7 @@ class PerceptioConfig(PretrainedConfig):
             raise ValueError(f"loss weights must be non-negative, got {self.loss_weights}")
         self.token_ids = dict(token_ids) if token_ids else None
         self.seg_hidden_dim = seg_hidden_dim
+        self.seg_multimask = bool(seg_multimask)
         # Surface the language model's embedding tying, so tools that read the top-level config (peft's trainable
         # token rows, for one) treat the tied input embeddings and LM head as one matrix.
         kwargs["tie_word_embeddings"] = bool(getattr(self.vlm_config.text_config, "tie_word_embeddings", False))

@@ -141,17 +141,21 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         learned no-mask embedding, which trains) and the IoU and object-score heads (training supervises mask
         token 0 only, and inference reads token 0)."""
         sam = self.segmenter
-        return [
+        frozen = [
             self.depth_tokenizer,
             sam.vision_encoder,
             sam.mask_decoder.conv_s0,
             sam.mask_decoder.conv_s1,
-            sam.mask_decoder.iou_prediction_head,
             sam.mask_decoder.pred_obj_score_head,
             sam.prompt_encoder.mask_embed,
             sam.prompt_encoder.point_embed,
             sam.prompt_encoder.not_a_point_embed,
         ]
+        if self.config.seg_multimask:  # candidates 1-3 and the IoU head train; the single-mask output does not
+            frozen.append(sam.mask_decoder.output_hypernetworks_mlps[0])
+        else:  # only decoder token 0 trains and is read; the IoU head is not used
+            frozen.append(sam.mask_decoder.iou_prediction_head)
+        return frozen
 
     def freeze_frozen_parts(self) -> None:
         """Freeze :meth:`frozen_modules` (and keep the depth tokenizer and image encoder in eval mode)."""
@@ -192,15 +196,17 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------- segmentation
 
-    def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> torch.Tensor:
-        """Masks from segmentation-token hidden states through the SAM2 mask decoder.
+    def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate masks from segmentation-token hidden states through the SAM2 mask decoder.
 
         Args:
             sam_pixel_values: (B, 3, S, S) images preprocessed for SAM2 (resize + ImageNet normalisation).
             seg_hidden: (B, N, D) last-layer hidden states at N segmentation-token positions per image.
 
         Returns:
-            mask_logits: (B, N, h, w) low-resolution mask logits (4x the last SAM2 feature map).
+            mask_logits: (B, N, K, h, w) low-resolution logits (4x the last SAM2 feature map); K = 3 candidates
+                with ``config.seg_multimask``, else 1.
+            iou_scores: (B, N, K) the decoder's predicted IoU of each candidate.
         """
         sam = self.segmenter
         b, n, _ = seg_hidden.shape
@@ -212,19 +218,24 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             x.permute(1, 2, 0).reshape(b, -1, *size) for x, size in zip(levels, sam.backbone_feature_sizes, strict=True)
         ]
         sparse = self.seg_projection(seg_hidden).unsqueeze(2)  # (B, N objects as point batches, 1 token, C)
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            b, -1, *sam.prompt_encoder.image_embedding_size
-        )
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = dense.expand(b, -1, *sam.prompt_encoder.image_embedding_size)
         positional = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
-        masks, _, _, _ = sam.mask_decoder(
+        masks, iou_scores, _, _ = sam.mask_decoder(
             image_embeddings=embeddings[-1],
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=False,
+            multimask_output=self.config.seg_multimask,
             high_resolution_features=embeddings[:-1],
         )
-        return masks[:, :, 0]
+        return masks, iou_scores
+
+    def select_masks(self, mask_logits: torch.Tensor, iou_scores: torch.Tensor) -> torch.Tensor:
+        """(B, N, K, h, w) candidates -> (B, N, h, w): the candidate with the highest predicted IoU."""
+        best = iou_scores.argmax(dim=-1)
+        index = best[..., None, None, None].expand(-1, -1, 1, *mask_logits.shape[-2:])
+        return mask_logits.gather(2, index)[:, :, 0]
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -281,8 +292,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 decode=lambda codes: self.depth_tokenizer.decode(codes.view(-1, *grid), clamp=False),
             ),
         }
-        mask_logits, bce, dice = self._mask_terms(outputs.hidden_states[-1], input_ids, sam_pixel_values, gt_masks)
-        terms.update(mask_bce=bce, mask_dice=dice)
+        mask_logits, bce, dice, iou = self._mask_terms(outputs.hidden_states[-1], input_ids, sam_pixel_values, gt_masks)
+        terms.update(mask_bce=bce, mask_dice=dice, mask_iou=iou)
         weights = self.config.loss_weights
         loss = sum(weights[name] * value for name, value in terms.items())
         return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits)
@@ -293,21 +304,25 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         input_ids: torch.Tensor,
         sam_pixel_values: torch.Tensor | None,
         gt_masks: list[torch.Tensor | None] | None,
-    ) -> tuple[list[torch.Tensor | None] | None, torch.Tensor, torch.Tensor]:
-        """Mask BCE and Dice over every segmentation token with a target mask (Sa2VA convention: the hidden state
-        computed with the segmentation token as input). Without any, a zero-weighted pass through the projection
-        and the mask decoder keeps their parameters in the graph."""
+    ) -> tuple[list[torch.Tensor | None] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask BCE, Dice and IoU-head terms over every segmentation token with a target mask (Sa2VA convention:
+        the hidden state computed with the segmentation token as input). With several candidates, each object's
+        mask terms use its best-matching candidate (SAM's minimum-loss assignment) and the IoU head learns every
+        candidate's actual IoU. Without any target, a zero-weighted pass keeps the projection and the mask
+        decoder in the graph."""
         seg = input_ids == self.config.resolved_token_ids.seg
         has_masks = gt_masks is not None and any(m is not None and len(m) for m in gt_masks)
         if not has_masks:
             side = self.config.segmenter_config.prompt_encoder_config.image_size
             pixels = sam_pixel_values[:1] if sam_pixel_values is not None else hidden.new_zeros(1, 3, side, side)
-            dummy = self.segment(pixels, hidden[:1, :1])
-            return None, dummy.sum() * 0.0, dummy.sum() * 0.0
+            logits, iou = self.segment(pixels, hidden[:1, :1])
+            zero = logits.sum() * 0.0 + iou.sum() * 0.0
+            return None, zero, zero, zero
         if sam_pixel_values is None:
             raise ValueError("gt_masks need sam_pixel_values (the processor makes them)")
+        weights = self.config.loss_weights
         per_sample: list[torch.Tensor | None] = []
-        all_logits, all_targets = [], []
+        chosen, targets, predicted_iou, actual_iou = [], [], [], []
         for b, target in enumerate(gt_masks):  # type: ignore[arg-type]
             count = int(seg[b].sum())
             if target is None or len(target) == 0:
@@ -318,13 +333,31 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                     f"sample {b} has {count} segmentation token(s) in its sequence but {len(target)} target mask(s); "
                     "the target text must hold one segmentation token per mask"
                 )
-            logits = self.segment(sam_pixel_values[b : b + 1], hidden[b][seg[b]][None])[0]
-            resized = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")[:, 0]
-            per_sample.append(logits)
-            all_logits.append(logits)
-            all_targets.append(resized.to(logits.device))
-        logits, targets = torch.cat(all_logits), torch.cat(all_targets)
-        return per_sample, mask_bce_loss(logits, targets), mask_dice_loss(logits, targets)
+            logits, iou = self.segment(sam_pixel_values[b : b + 1], hidden[b][seg[b]][None])
+            logits, iou = logits[0], iou[0]  # (N, K, h, w), (N, K)
+            resized = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")
+            resized = resized.to(logits.device)  # (N, 1, h, w)
+            with torch.no_grad():  # which candidate each object is matched to, and how good each one is
+                probs = torch.sigmoid(logits)
+                bce = F.binary_cross_entropy_with_logits(logits, resized.expand_as(logits), reduction="none").mean(
+                    (-2, -1)
+                )
+                dice = 1 - (2 * (probs * resized).sum((-2, -1)) + 1) / (probs.sum((-2, -1)) + resized.sum((-2, -1)) + 1)
+                best = (weights["mask_bce"] * bce + weights["mask_dice"] * dice).argmin(dim=1)
+                hard = logits > 0
+                inter = (hard & (resized > 0.5)).sum((-2, -1)).float()
+                union = (hard | (resized > 0.5)).sum((-2, -1)).float()
+                actual_iou.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)))
+            picked = logits[torch.arange(len(best)), best]  # (N, h, w)
+            per_sample.append(self.select_masks(logits[None], iou[None])[0])
+            chosen.append(picked)
+            targets.append(resized[:, 0])
+            predicted_iou.append(iou)
+        logits, target_masks = torch.cat(chosen), torch.cat(targets)
+        iou_term = F.mse_loss(torch.cat(predicted_iou).float(), torch.cat(actual_iou))
+        if not self.config.seg_multimask:
+            iou_term = iou_term * 0.0  # the IoU head is frozen and unused in single-mask mode
+        return per_sample, mask_bce_loss(logits, target_masks), mask_dice_loss(logits, target_masks), iou_term
 
     # --------------------------------------------------------------------------------------------- inference
 
@@ -432,7 +465,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             masks: list[np.ndarray] = []
             if parse.seg_positions and hidden is not None:
                 positions = torch.tensor(parse.seg_positions, device=device) + prompt_length
-                logits = self.segment(batch["sam_pixel_values"][b : b + 1], hidden[b, positions][None])
+                logits = self.select_masks(
+                    *self.segment(batch["sam_pixel_values"][b : b + 1], hidden[b, positions][None])
+                )
                 full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
                 masks = [m.cpu().numpy() > 0 for m in full]
             depth = codes = None
