@@ -29,6 +29,7 @@ quickstart: setup
 bench: setup
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/depth_tokenizer.py
+	$(BIN)/python bench/generation.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
