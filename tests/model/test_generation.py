@@ -123,3 +123,14 @@ def test_predict_masks_and_save_load_identical_predictions(tmp_path: Path) -> No
     (reloaded,) = loaded.predict([image], ["Please segment the cube."], again)
     assert reloaded.token_ids == prediction.token_ids
     np.testing.assert_array_equal(reloaded.masks[0], prediction.masks[0])
+
+
+def test_predict_refuses_mismatched_inputs_and_a_foreign_tokenizer(tiny) -> None:  # noqa: ANN001
+    model, processor = tiny
+    with pytest.raises(ValueError, match="one image per prompt"):
+        model.predict(_images(2), ["only one prompt"], processor)
+    foreign = PerceptioProcessor.for_config(model.config, PRESETS["tiny"].text_tokenizer())  # tokens not registered
+    from perceptio.vocab import TokenIdsMismatchError
+
+    with pytest.raises(TokenIdsMismatchError, match="register_tokens"):
+        model.predict(_images(1), ["q"], foreign)
