@@ -101,10 +101,12 @@ def depth_count_loss(
         return _zero(logits)
     losses = []
     for b in rows:
-        probs = torch.softmax(logits[b].float(), dim=-1)
-        code_mass = probs[codes[b]][:, code_ids.start : code_ids.stop].sum()
+        # softmax only at the span's positions: the full sequence (image tokens included) would cost
+        # positions x vocabulary memory for nothing
+        code_probs = torch.softmax(logits[b][codes[b]].float(), dim=-1)
+        code_mass = code_probs[:, code_ids.start : code_ids.stop].sum()
         count_term = (code_mass - span_length).abs() / span_length
-        end_term = -torch.log(probs[ends[b], end_id].clamp_min(1e-12)).mean()
+        end_term = -torch.log_softmax(logits[b][ends[b]].float(), dim=-1)[:, end_id].mean()
         losses.append(count_term + end_term)
     return torch.stack(losses).mean()
 

@@ -134,3 +134,44 @@ def test_predict_refuses_mismatched_inputs_and_a_foreign_tokenizer(tiny) -> None
 
     with pytest.raises(TokenIdsMismatchError, match="register_tokens"):
         model.predict(_images(1), ["q"], foreign)
+
+
+def test_processor_state_resets_for_a_new_generation() -> None:
+    processor = DepthSpanLogitsProcessor(IDS, N, 1)
+    for length in range(1, 6):  # a complete span: 0 <S> c c <E>
+        processor(torch.tensor([[0, 11, 13, 14, 12][:length]]), torch.zeros(1, 16))
+    scores = processor(torch.tensor([[0]]), torch.zeros(1, 16))  # the next generate() call starts afresh
+    assert scores[0, 11] == 0.0  # the start marker is allowed again
+
+
+def test_constraint_off_with_a_required_span_only_forces_the_opening() -> None:
+    processor = DepthSpanLogitsProcessor(IDS, N, 1, require_span=True, grammar=False)
+    first = processor(torch.tensor([[0]]), torch.zeros(1, 16))
+    assert set(torch.nonzero(first[0] > float("-inf")).flatten().tolist()) == {11}
+    later = processor(torch.tensor([[0, 11]]), torch.zeros(1, 16))
+    assert bool(torch.isfinite(later).all())  # no grammar afterwards
+
+
+def test_left_padded_batches_match_single_prompts(tiny) -> None:  # noqa: ANN001
+    model, processor = tiny
+    prompts = ["short?", "a considerably longer question about the scene in this image?"]
+    images = _images(2)
+    batched = model.predict(images, prompts, processor, require_depth_span=True, batch_size=2)
+    single = [
+        model.predict([im], [p], processor, require_depth_span=True)[0] for im, p in zip(images, prompts, strict=True)
+    ]
+    for a, b in zip(batched, single, strict=True):
+        assert a.token_ids == b.token_ids
+
+
+def test_predict_in_bfloat16_and_restores_training_mode() -> None:
+    tokenizer = PRESETS["tiny"].text_tokenizer()
+    model = PerceptioForConditionalGeneration(PRESETS["tiny"].config(tokenizer))
+    model.register_text_tokenizer(tokenizer)
+    processor = PerceptioProcessor.for_config(model.config, tokenizer)
+    model = model.to(torch.bfloat16).train()
+    (p,) = model.predict(_images(1), ["depth?"], processor, require_depth_span=True)
+    assert p.depth.dtype == np.float32 and p.issues == []
+    assert model.training and not model.depth_tokenizer.training
+    with pytest.raises(ValueError, match="spatial=False bans them"):
+        model.predict(_images(1), ["q"], processor, spatial=False, require_depth_span=True)

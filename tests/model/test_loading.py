@@ -68,6 +68,18 @@ def test_composed_model_round_trips_through_save_pretrained(checkpoints: dict[st
     loaded.check_text_tokenizer(processor.text_tokenizer)
 
 
+def test_components_in_bfloat16_run_a_forward(checkpoints: dict[str, Path]) -> None:
+    model, processor = from_components(
+        checkpoints["vlm"], checkpoints["sam2"], checkpoints["depth"], dtype=torch.bfloat16
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    image = Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8))
+    batch = processor([image], ["What color is the cube?"], ["red"])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch["sam_pixel_values"] = batch["sam_pixel_values"].to(torch.bfloat16)
+    assert torch.isfinite(model(**batch).loss.float())
+
+
 def test_build_preset() -> None:
     model, processor = build_preset("tiny")
     assert model.config.token_ids["seg"] == processor.text_tokenizer.convert_tokens_to_ids("[SEG]")

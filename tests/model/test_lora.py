@@ -72,6 +72,22 @@ def test_adapters_reload_onto_a_fresh_base(tmp_path: Path) -> None:
     torch.testing.assert_close(reloaded(**batch).logits, expected)
 
 
+def test_an_untied_lm_head_gets_trainable_rows_for_the_new_tokens() -> None:
+    from perceptio.models import PRESETS, PerceptioForConditionalGeneration
+
+    tokenizer = PRESETS["tiny"].text_tokenizer()
+    config = PRESETS["tiny"].config(tokenizer)
+    config.vlm_config.tie_word_embeddings = False
+    config.vlm_config.text_config.tie_word_embeddings = False
+    model = PerceptioForConditionalGeneration(config)
+    model.register_text_tokenizer(tokenizer)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    wrapped = apply_lora(model, LoraSettings(r=4, dropout=0.0))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n and "trainable_tokens" in n for n in trainable)
+    assert any("embed_tokens" in n and "trainable_tokens" in n for n in trainable)
+
+
 def test_lora_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="r >= 1"):
         LoraSettings(r=0)

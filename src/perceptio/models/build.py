@@ -79,9 +79,6 @@ def from_components(
         )
     vlm = InternVLForConditionalGeneration.from_pretrained(vlm_dir, use_safetensors=True, dtype=dtype)
     segmenter = Sam2Model.from_pretrained(segmenter_dir, use_safetensors=True, dtype=dtype)
-    # Only mask token 0 is trained and read; the stability-based swap to other tokens would pick untrained ones.
-    segmenter.config.mask_decoder_config.dynamic_multimask_via_stability = False
-    segmenter.mask_decoder.dynamic_multimask_via_stability = False
     if depth_tokenizer_dir is not None:
         depth_tokenizer = DepthTokenizer.from_pretrained(depth_tokenizer_dir)
     else:
@@ -90,5 +87,7 @@ def from_components(
         vlm_config=vlm.config, segmenter_config=segmenter.config, depth_tokenizer_config=depth_tokenizer.config
     )
     model = PerceptioForConditionalGeneration(config, vlm=vlm, segmenter=segmenter, depth_tokenizer=depth_tokenizer)
+    if dtype is not None:  # the new parts (segmentation-token MLP, depth tokenizer) in the backbones' dtype
+        model = model.to(dtype)
     model.register_text_tokenizer(text_tokenizer)
     return model, PerceptioProcessor.for_config(model.config, text_tokenizer)

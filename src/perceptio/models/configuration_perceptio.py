@@ -77,7 +77,8 @@ class PerceptioConfig(PretrainedConfig):
         self.seg_multimask = bool(seg_multimask)
         # Surface the language model's embedding tying, so tools that read the top-level config (peft's trainable
         # token rows, for one) treat the tied input embeddings and LM head as one matrix.
-        kwargs["tie_word_embeddings"] = bool(getattr(self.vlm_config.text_config, "tie_word_embeddings", False))
+        # InternVL ties by its own top-level flag, so that is the one to mirror.
+        kwargs["tie_word_embeddings"] = bool(getattr(self.vlm_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 
     @property

@@ -33,6 +33,11 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         prompt_length: length of the (padded) prompt; tokens after it are the generated ones.
         spatial: False bans every spatial token (segmentation token included): direct answering.
         require_span: force the first generated token to be the span's start marker.
+        grammar: enforce the span grammar (False: only ``spatial`` and ``require_span`` apply, to measure the
+            constraint's effect).
+
+    One instance serves one ``generate`` call; a new call (a sequence no longer than the last one seen, or
+    another batch size) starts from a fresh state.
     """
 
     def __init__(
@@ -43,19 +48,23 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         *,
         spatial: bool = True,
         require_span: bool = False,
+        grammar: bool = True,
     ) -> None:
         self.ids = token_ids
         self.span_length = span_length
         self.prompt_length = prompt_length
         self.spatial = spatial
         self.require_span = require_span
+        self.grammar = grammar
         self._seen = prompt_length
         self._codes: torch.Tensor | None = None  # per row: -1 before a span, 0..N inside, N + 1 after it
         self._table: torch.Tensor | None = None
 
     def _advance(self, input_ids: torch.Tensor) -> None:
-        if self._codes is None:
+        fresh = input_ids.shape[1] <= self.prompt_length or input_ids.shape[1] < self._seen
+        if self._codes is None or fresh or self._codes.shape[0] != input_ids.shape[0]:
             self._codes = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+            self._seen = self.prompt_length
         for position in range(self._seen, input_ids.shape[1]):
             token = input_ids[:, position]
             state = self._codes
@@ -95,15 +104,18 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         self._advance(input_ids)
         if getattr(self, "_table", None) is None or self._table.shape[1] != scores.shape[1]:
             self._table = self._bias_table(scores.shape[1], scores.dtype, scores.device)
+        first = self.require_span and input_ids.shape[1] == self.prompt_length
         if not self.spatial:
             return scores + self._table[self._NO_SPATIAL]
+        if first:
+            return scores + self._table[self._FIRST]
+        if not self.grammar:
+            return scores
         state = self._codes
         category = torch.full_like(state, self._BEFORE)
         category = torch.where((state >= 0) & (state < self.span_length), self._INSIDE, category)
         category = torch.where(state == self.span_length, self._FULL, category)
         category = torch.where(state == self.span_length + 1, self._AFTER, category)
-        if self.require_span and input_ids.shape[1] == self.prompt_length:
-            category = torch.full_like(state, self._FIRST)
         return scores + self._table[category]
 
 

@@ -51,12 +51,16 @@ def apply_lora(model: PerceptioForConditionalGeneration, settings: LoraSettings 
     settings = settings or LoraSettings()
     ids = model.config.resolved_token_ids
     frozen = {name for name, module in model.named_modules() if any(module is m for m in model.frozen_modules())}
+    new_tokens = [ids.seg, ids.depth_start, ids.depth_end, *ids.code_ids]
+    rows = {"embed_tokens": new_tokens}
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        rows["lm_head"] = new_tokens  # an untied LM head needs its own trainable rows for the new tokens
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
-        trainable_token_indices={"embed_tokens": [ids.seg, ids.depth_start, ids.depth_end, *ids.code_ids]},
+        trainable_token_indices=rows,
         modules_to_save=["seg_projection", "mask_decoder"],
     )
     wrapped = get_peft_model(model, config)

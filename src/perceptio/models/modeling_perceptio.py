@@ -1,8 +1,8 @@
 """PerceptioForConditionalGeneration: InternVL + SAM2 + the depth tokenizer, one class for every use.
 
-Status: construction, perception-token registration, depth-tokenizer loading and the segmentation-token -> SAM2
-segmentation path are here; the training forward with the named loss terms and constrained generation
-(issue 4) build on them.
+Training (``forward`` returns the weighted loss and every named term), inference (``predict``: constrained
+greedy generation, then masks and depth at the original image size) and export (``save_pretrained`` /
+``from_pretrained``, safetensors).
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         super().__init__(config)
         self.vlm = vlm if vlm is not None else InternVLForConditionalGeneration(config.vlm_config)
         self.segmenter = segmenter if segmenter is not None else Sam2Model(config.segmenter_config)
+        # SAM2's stability-based swap between mask tokens would read outputs the chosen mode does not train.
+        config.segmenter_config.mask_decoder_config.dynamic_multimask_via_stability = False
+        self.segmenter.mask_decoder.dynamic_multimask_via_stability = False
         width = config.vlm_config.text_config.hidden_size
         hidden = config.seg_hidden_dim or width
         self.seg_projection = nn.Sequential(
@@ -388,22 +391,21 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; one image per prompt")
+        if require_depth_span and not spatial:
+            raise ValueError("require_depth_span=True asks for a spatial token, but spatial=False bans them")
         self.check_text_tokenizer(processor.text_tokenizer)
+        was_training = self.training
         self.eval()
         span_length = self.config.vocab.span_length
         budget = max_new_tokens or span_length + 34
         out: list[Prediction] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk_images = list(images[start : start + batch_size])
-            out += self._predict_batch(
-                chunk_images,
-                list(prompts[start : start + batch_size]),
-                processor,
-                budget,
-                constrain,
-                spatial,
-                require_depth_span,
-            )
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = slice(start, start + batch_size)
+                args = (processor, budget, constrain, spatial, require_depth_span)
+                out += self._predict_batch(list(images[chunk]), list(prompts[chunk]), *args)
+        finally:
+            self.train(was_training)  # predict() in the middle of training leaves the mode as it found it
         return out
 
     def _predict_batch(
@@ -424,7 +426,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         processors = LogitsProcessorList()
         if constrain or not spatial or require_span:
             processors.append(
-                DepthSpanLogitsProcessor(ids, span_length, prompt_length, spatial=spatial, require_span=require_span)
+                DepthSpanLogitsProcessor(
+                    ids, span_length, prompt_length, spatial=spatial, require_span=require_span, grammar=constrain
+                )
             )
         tokenizer = processor.text_tokenizer
         sequences = self.vlm.generate(
@@ -469,12 +473,12 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                     *self.segment(batch["sam_pixel_values"][b : b + 1], hidden[b, positions][None])
                 )
                 full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
-                masks = [m.cpu().numpy() > 0 for m in full]
+                masks = [m.float().cpu().numpy() > 0 for m in full]
             depth = codes = None
             if parse.depth_codes is not None:
                 codes = parse.depth_codes.reshape(grid)
                 decoded = self.depth_tokenizer.decode(torch.from_numpy(codes)[None].to(device))
-                depth = F.interpolate(decoded[:, None], size=size, mode="nearest-exact")[0, 0].cpu().numpy()
+                depth = F.interpolate(decoded[:, None].float(), size=size, mode="nearest-exact")[0, 0].cpu().numpy()
             row = generated[b, : lengths[b]].tolist()
             predictions.append(
                 Prediction(

@@ -47,8 +47,8 @@ class ModelPreset:
 
 
 def tiny_sam2_config(image_size: int = 64, hidden: int = 32) -> Sam2Config:
-    """A same-architecture SAM2 small enough for CPU tests (stack.md 2b). Only decoder token 0 is trained, so
-    the decoder's dynamic multimask selection is off (it would swap in untrained tokens at evaluation)."""
+    """A same-architecture SAM2 small enough for CPU tests (stack.md 2b), with the decoder's stability-based
+    token swap off (stack.md section 7)."""
     dims = [16, 32, 64, 128]
     backbone = Sam2HieraDetConfig(
         hidden_size=dims[0],

@@ -55,6 +55,10 @@ class PerceptioProcessor:
         self.sam_image_size = sam_image_size
         self.system_prompt = system_prompt
         self.turn_end_id = text_tokenizer.convert_tokens_to_ids(CHAT_TOKENS["turn_end"])
+        if text_tokenizer.pad_token_id is None:
+            raise ValueError(
+                "the text tokenizer has no pad token; set one (e.g. tokenizer.pad_token = '<|endoftext|>')"
+            )
 
     @classmethod
     def for_config(cls, config, text_tokenizer, *, system_prompt: str | None = None) -> PerceptioProcessor:  # noqa: ANN001
