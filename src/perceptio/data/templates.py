@@ -1,0 +1,115 @@
+"""How each sample becomes a prompt and a target: the one place that decides the answer format.
+
+Order (decision 4): one segmentation token per referred object, then the depth span (when the task is spatial
+and ``depth_cot`` is on), then the answer text. With ``depth_cot=False`` (direct answering, the ablation of
+the spatial chain of thought) no depth span is written; the segmentation token stays for referring
+segmentation, as in Sa2VA, since masks come from it.
+
+Several phrasings per task (as Sa2VA and LISA do) are drawn with the caller's generator, so a seeded run always
+renders the same text. Token strings come from :class:`perceptio.vocab.PerceptionVocab`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perceptio.data.schema import Sample, Task
+from perceptio.vocab import PerceptionVocab
+
+__all__ = ["RenderedSample", "TemplateError", "render_sample"]
+
+_SEGMENT_QUERIES = (
+    "Please segment {expr} in this image.",
+    "Can you segment {expr}?",
+    "Where is {expr}? Please output its segmentation mask.",
+)
+_SEGMENT_ANSWERS = ("Sure, it is segmented.", "Here it is.", "This is the mask.")
+_DEPTH_QUERIES = (
+    "What is the depth map for the image?",
+    "Please generate the depth map of this image.",
+    "Estimate the depth of this image.",
+)
+_COT_ANSWERS = (
+    "The answer is ({letter}).",
+    "Point {letter} is the closest, so the answer is ({letter}).",
+    "({letter})",
+)
+_MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+class TemplateError(ValueError):
+    """A sample that lacks what its task's template needs."""
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """A sample as text: ``query`` for the user turn, ``target`` for the assistant, and how many masks the target's
+    segmentation tokens stand for (in order)."""
+
+    query: str
+    target: str
+    num_masks: int
+
+
+def _span(vocab: PerceptionVocab, codes: np.ndarray | None, sample: Sample) -> str:
+    if codes is None:
+        raise TemplateError(
+            f"sample {sample.sample_id} ({sample.task.value}) needs depth codes for its depth span; "
+            "encode its depth map with the depth tokenizer first, or render with depth_cot=False"
+        )
+    return vocab.render_depth_span(codes)
+
+
+def render_sample(
+    sample: Sample,
+    vocab: PerceptionVocab,
+    rng: np.random.Generator,
+    *,
+    depth_codes: np.ndarray | None = None,
+    depth_cot: bool = True,
+) -> RenderedSample:
+    """Render one sample.
+
+    Args:
+        sample: any sample the readers produce.
+        vocab: the perception vocabulary (its grid fixes the span length).
+        rng: draws the phrasing.
+        depth_codes: (h, w) codes of the sample's depth map, for tasks that write a depth span.
+        depth_cot: write the depth span before the answer on spatial tasks (False: answer directly).
+    """
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    task = sample.task
+    if task is Task.REFERRING_SEGMENTATION:
+        if not sample.query:
+            raise TemplateError(f"sample {sample.sample_id} has no referring expression")
+        parts = [vocab.seg_token * max(1, len(sample.masks))]
+        if depth_cot and depth_codes is not None:
+            parts.append(_span(vocab, depth_codes, sample))
+        parts.append(pick(_SEGMENT_ANSWERS))
+        query = pick(_SEGMENT_QUERIES).format(expr=sample.query)
+        return RenderedSample(query, " ".join(parts), num_masks=max(1, len(sample.masks)))
+    if task is Task.DEPTH:
+        return RenderedSample(pick(_DEPTH_QUERIES), _span(vocab, depth_codes, sample), num_masks=0)
+    if task is Task.RELATIVE_DEPTH:
+        if sample.answer is None:
+            raise TemplateError(f"sample {sample.sample_id} has no gold letter to train on")
+        if not depth_cot:
+            return RenderedSample(sample.query, f"({sample.answer})", num_masks=0)
+        answer = pick(_COT_ANSWERS).format(letter=sample.answer)
+        return RenderedSample(sample.query, f"{_span(vocab, depth_codes, sample)} {answer}", num_masks=0)
+    if task is Task.MULTIPLE_CHOICE:
+        if not sample.choices or sample.answer is None:
+            raise TemplateError(f"sample {sample.sample_id} needs choices and a gold letter")
+        options = "\n".join(f"{letter}. {text}" for letter, text in zip(sample.letters, sample.choices, strict=False))
+        hint = f"Hint: {sample.meta['hint']}\n" if sample.meta.get("hint") else ""
+        return RenderedSample(f"{hint}{sample.query}\n{options}\n{_MCQ_SUFFIX}", sample.answer, num_masks=0)
+    if task is Task.VQA:
+        if sample.answer is None:
+            raise TemplateError(f"sample {sample.sample_id} has no answer to train on")
+        return RenderedSample(sample.query.replace("<image>", "").strip(), sample.answer, num_masks=0)
+    raise TemplateError(f"no template for task {task!r}")
