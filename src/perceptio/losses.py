@@ -139,18 +139,28 @@ def depth_recon_loss(
     return F.mse_loss(predicted, reference)
 
 
-def mask_bce_loss(mask_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean sigmoid BCE of mask logits (N, H, W) against binary masks (N, H, W); 0 (attached) when N = 0."""
-    if mask_logits.numel() == 0:
+def mask_bce_loss(mask_logits: torch.Tensor, masks: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Sigmoid BCE of mask logits (..., H, W) against binary masks of the same shape.
+
+    ``reduction="mean"``: one scalar, 0 (attached) when there is no mask; ``"none"``: per mask, shape (...).
+    """
+    if reduction == "mean" and mask_logits.numel() == 0:
         return _zero(mask_logits)
-    return F.binary_cross_entropy_with_logits(mask_logits.float(), masks.float())
+    per_pixel = F.binary_cross_entropy_with_logits(mask_logits.float(), masks.float(), reduction="none")
+    per_mask = per_pixel.mean((-2, -1))
+    return per_mask.mean() if reduction == "mean" else per_mask
 
 
-def mask_dice_loss(mask_logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over masks of ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` with p = sigmoid(logits)."""
-    if mask_logits.numel() == 0:
+def mask_dice_loss(
+    mask_logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per mask, with p = sigmoid(logits), over (..., H, W).
+
+    ``reduction="mean"``: the mean over masks, 0 (attached) when there is none; ``"none"``: per mask, shape (...).
+    """
+    if reduction == "mean" and mask_logits.numel() == 0:
         return _zero(mask_logits)
-    p = torch.sigmoid(mask_logits.float()).flatten(1)
-    t = masks.float().flatten(1)
-    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
-    return (1 - dice).mean()
+    p = torch.sigmoid(mask_logits.float()).flatten(-2)
+    t = masks.float().flatten(-2)
+    per_mask = 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+    return per_mask.mean() if reduction == "mean" else per_mask

@@ -341,11 +341,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             resized = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")
             resized = resized.to(logits.device)  # (N, 1, h, w)
             with torch.no_grad():  # which candidate each object is matched to, and how good each one is
-                probs = torch.sigmoid(logits)
-                bce = F.binary_cross_entropy_with_logits(logits, resized.expand_as(logits), reduction="none").mean(
-                    (-2, -1)
-                )
-                dice = 1 - (2 * (probs * resized).sum((-2, -1)) + 1) / (probs.sum((-2, -1)) + resized.sum((-2, -1)) + 1)
+                expanded = resized.expand_as(logits)
+                bce = mask_bce_loss(logits, expanded, reduction="none")
+                dice = mask_dice_loss(logits, expanded, reduction="none")
                 best = (weights["mask_bce"] * bce + weights["mask_dice"] * dice).argmin(dim=1)
                 hard = logits > 0
                 inter = (hard & (resized > 0.5)).sum((-2, -1)).float()
