@@ -322,6 +322,61 @@ def print_tokenizer_metrics(results: dict) -> None:
 
 
 @app.command()
+def train(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="A training recipe (YAML), e.g. configs/tiny_synth.yaml.")
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides of the recipe, e.g. run.steps=50 optim.lr=5e-4.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint in run.out_dir.")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Teacher-map cache (default $PERCEPTIO_CACHE or ~/.cache/perceptio).")
+    ] = None,
+) -> None:
+    """Train Perceptio from a recipe. Under torchrun (`torchrun --nproc_per_node=N -m perceptio train ...`) every
+    process trains its share of each global batch (DDP, or FSDP with run.distributed=fsdp)."""
+    import os
+
+    from perceptio.config import ConfigError, load_config
+    from perceptio.data.errors import DataError
+    from perceptio.tokenizers.depth.pipeline import default_cache_dir
+    from perceptio.train.config import TrainConfig
+    from perceptio.train.loop import train as run_training
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        recipe = load_config(TrainConfig, config, overrides or [])
+        result = run_training(recipe, resume=resume, cache_dir=cache_dir or default_cache_dir())
+    except (
+        ConfigError,
+        DataError,
+        FileExistsError,
+        FileNotFoundError,
+        FloatingPointError,
+        KeyError,
+        ValueError,
+    ) as err:
+        _fail(str(err).strip('"'))
+    if result.model_dir is not None:
+        final = result.last_log
+        typer.echo(
+            f"saved the model to {result.model_dir} after {result.steps} steps "
+            f"(loss {final.get('loss', float('nan')):.4f}); logs in {result.out_dir}"
+        )
+    if distributed:  # gloo can abort at interpreter exit (stack.md section 5): leave through this ending
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
     num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 1000,

@@ -1,6 +1,6 @@
 """The Perceptio model: configuration, presets and the model class (built on transformers' InternVL and SAM2)."""
 
-from perceptio.models.build import build_preset, from_components
+from perceptio.models.build import build_preset, from_components, load_model, save_model
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS, PerceptioConfig
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, PerceptioOutput, Prediction
 from perceptio.models.presets import PRESETS, ModelPreset
@@ -17,4 +17,6 @@ __all__ = [
     "Prediction",
     "build_preset",
     "from_components",
+    "load_model",
+    "save_model",
 ]

@@ -25,7 +25,7 @@ from perceptio.models.presets import PRESETS
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
 
-__all__ = ["build_preset", "from_components"]
+__all__ = ["build_preset", "from_components", "load_model", "save_model"]
 
 
 def build_preset(name: str = "tiny", *, seed: int = 0) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
@@ -91,3 +91,30 @@ def from_components(
         model = model.to(dtype)
     model.register_text_tokenizer(text_tokenizer)
     return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
+
+
+def save_model(model: PerceptioForConditionalGeneration, processor: PerceptioProcessor, directory: str | Path) -> Path:
+    """Save a model with its text tokenizer (and system prompt) so :func:`load_model` restores both."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.text_tokenizer.save_pretrained(directory)
+    if processor.system_prompt:
+        (directory / "system_prompt.txt").write_text(processor.system_prompt)
+    return directory
+
+
+def load_model(
+    directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """Load a model saved by :func:`save_model` (or ``perceptio train``'s ``model/`` folder): safetensors weights,
+    the text tokenizer saved next to them (its perception-token ids are checked against the model's), the
+    processor."""
+    directory = _require_checkpoint(Path(directory), "the Perceptio model")
+    model = PerceptioForConditionalGeneration.from_pretrained(directory, use_safetensors=True, dtype=dtype)
+    text_tokenizer = AutoTokenizer.from_pretrained(directory)
+    model.check_text_tokenizer(text_tokenizer)
+    if device is not None:
+        model.to(device)
+    prompt_file = directory / "system_prompt.txt"
+    system_prompt = prompt_file.read_text() if prompt_file.is_file() else None
+    return model, PerceptioProcessor.for_config(model.config, text_tokenizer, system_prompt=system_prompt)

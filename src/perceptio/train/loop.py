@@ -1,0 +1,492 @@
+"""The training loop behind ``perceptio train``: one process, or many under ``torchrun`` (DDP or FSDP).
+
+One optimiser step draws ``run.global_batch_size`` samples from the mixture (a function of ``(seed, step)``),
+cuts them into micro batches of ``run.micro_batch_size`` and deals micro batch ``k`` to process ``k % world``;
+each process accumulates its share, DDP averages the gradients. Every process therefore sees the same global
+batch whatever the number of processes, and the averaged gradient equals the single-process one.
+
+Run folder (``run.out_dir``)::
+
+    config.yaml, environment.json   the resolved recipe, package versions, git revision
+    trainable.txt                   the trainable-policy table
+    train_log.jsonl                 per logged step: loss, named terms, per-task losses, lr, samples/s, mixture
+    eval_log.jsonl                  quick evaluations
+    checkpoints/step-NNNNNNN/       resumable checkpoints (the newest run.keep_checkpoints)
+    model/                          the final model (LoRA merged) with its text tokenizer
+    training.json                   summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from perceptio.config import config_to_dict, write_run_record
+from perceptio.data.errors import BadItemReport
+from perceptio.data.mixture import MixtureSampler
+from perceptio.losses import IGNORE_INDEX
+from perceptio.models.build import build_preset, from_components, load_model, save_model
+from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
+from perceptio.models.lora import merge_lora
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.processing import PerceptioProcessor
+from perceptio.train.checkpoint import gather_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from perceptio.train.config import ModelConfig, TrainConfig
+from perceptio.train.data import TrainingData, collate
+from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_cosine
+from perceptio.train.policy import apply_policy
+from perceptio.train.quick_eval import quick_eval
+
+__all__ = ["NonFiniteLossError", "TrainResult", "build_model", "train"]
+
+logger = logging.getLogger(__name__)
+
+#: Recipe keys that may change between a checkpoint and its resumption (they do not change the trajectory).
+_RESUMABLE_CHANGES = (
+    "run.out_dir",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.device",
+    "run.threads",
+    "eval",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) became NaN or infinite; the weights were not updated with it."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: where things are, and the last logged and evaluated figures."""
+
+    out_dir: Path
+    model_dir: Path | None
+    steps: int
+    resumed_from: int
+    last_log: dict[str, Any]
+    last_eval: dict[str, float]
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _setup_distributed(requested: str | None) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and requested != "cpu"
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return _Dist(rank, world, device)
+    return _Dist(0, 1, torch.device(requested) if requested else torch.device("cuda" if cuda else "cpu"))
+
+
+def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """The model and processor a recipe's ``model`` section names (before any trainable policy)."""
+    if config.init is not None:
+        model, processor = load_model(config.init)
+    elif config.preset is not None:
+        model, processor = build_preset(config.preset, seed=config.seed)
+    else:
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        model, processor = from_components(config.vlm, config.segmenter, config.depth_tokenizer, dtype=dtype)
+    if config.depth_tokenizer is not None and config.vlm is None:
+        model.load_depth_tokenizer(config.depth_tokenizer)
+    unknown = sorted(set(config.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown:
+        raise ValueError(f"model.loss_weights: unknown term(s) {unknown}; the terms are {sorted(DEFAULT_LOSS_WEIGHTS)}")
+    model.config.loss_weights = {**model.config.loss_weights, **config.loss_weights}
+    return model, processor
+
+
+def _data_digest(data: TrainingData) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(data.datasets):
+        digest.update(name.encode())
+        for sample in data.datasets[name]:
+            digest.update(sample.sample_id.encode())
+    return digest.hexdigest()[:16]
+
+
+def _flatten(payload: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in payload.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path) -> None:
+    saved, ours = _flatten(state.get("config", {})), _flatten(config_to_dict(config))
+    differ = [
+        f"{key} (checkpoint {saved.get(key)!r}, now {ours.get(key)!r})"
+        for key in sorted(set(saved) | set(ours))
+        if saved.get(key) != ours.get(key) and not any(key.startswith(p) for p in _RESUMABLE_CHANGES)
+    ]
+    if differ:
+        raise ValueError(
+            f"{folder}: cannot resume with a different recipe: {'; '.join(differ[:6])}. Resume with the recipe "
+            "that wrote the checkpoint (its config.yaml), or start a new run in another run.out_dir"
+        )
+    if state.get("data_digest") != digest:
+        raise ValueError(
+            f"{folder}: the training data differ from the checkpoint's (digest {state.get('data_digest')} vs "
+            f"{digest}); resume with the same datasets"
+        )
+
+
+def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token cross-entropy per sample (every target token), for the per-task losses of the log."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (targets != IGNORE_INDEX).sum(1).clamp_min(1)
+    return losses.sum(1) / counts
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _plain(module: nn.Module) -> PerceptioForConditionalGeneration:
+    inner = _unwrap(module)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _writer(out_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: bool = True, cache_dir: Path | None = None
+) -> TrainResult:
+    """Train as ``config`` says and save the final model to ``run.out_dir/model``.
+
+    Args:
+        config: the recipe.
+        resume: continue from the newest checkpoint in ``run.out_dir`` (an error if there is none).
+        progress: progress bars (on the main process).
+        cache_dir: where network-teacher depth maps are cached.
+
+    Raises:
+        NonFiniteLossError: a NaN or infinite loss; the newest checkpoint is the last good state.
+    """
+    run = config.run
+    ctx = _setup_distributed(run.device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    out_dir = Path(run.out_dir)
+    show = progress and ctx.main
+    if resume and latest_checkpoint(out_dir) is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise FileExistsError(
+            f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another run.out_dir"
+        )
+    if run.distributed == "fsdp" and "lora" in (config.trainable.default, *config.trainable.rules.values()):
+        raise ValueError("run.distributed=fsdp is for full fine-tuning; LoRA runs fit with ddp (the default)")
+
+    torch.manual_seed(config.model.seed)
+    model, processor = build_model(config.model)
+    report = BadItemReport() if config.data.skip_bad else None
+    data = TrainingData.from_config(
+        config.data, model.depth_tokenizer, report=report, cache_dir=cache_dir, progress=show
+    )
+    eval_data = None
+    if config.eval.datasets:
+        eval_data = TrainingData.from_config(
+            config.data, model.depth_tokenizer, specs=config.eval.datasets, cache_dir=cache_dir, progress=show
+        )
+    mixture = config.data.mixture(data.sizes())
+    sampler = MixtureSampler(data.sizes(), mixture, seed=run.seed)
+
+    trainable, plan = apply_policy(model, config.trainable)
+    if run.gradient_checkpointing:
+        _plain(trainable).vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable.to(ctx.device)
+    table = plan.table(trainable)
+    digest = _data_digest(data)
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_record(out_dir, config)
+        (out_dir / "trainable.txt").write_text(table + "\n")
+        if report is not None and report.items:
+            report.write(out_dir / "bad_items.json")
+        if show:
+            print(table)
+            sizes = ", ".join(f"{k} {v}" for k, v in data.sizes().items())
+            print(f"data: {sizes}; mixture at step 0: {mixture.weights_at(0)}")
+
+    if ctx.active and run.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        language = _plain(trainable).vlm.model.language_model
+        for layer in language.layers:
+            fully_shard(layer)
+        fully_shard(trainable)
+        engine: nn.Module = trainable
+    elif ctx.active:
+        engine = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    else:
+        engine = trainable
+    optimizer = build_optimizer(
+        engine, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=config.optim.betas
+    )
+    accumulation = accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)
+    warmup = round(config.optim.warmup_ratio * run.steps)
+    bf16 = run.precision == "bf16" or (run.precision == "auto" and ctx.device.type == "cuda")
+
+    start = 0
+    log_path, eval_path = out_dir / "train_log.jsonl", out_dir / "eval_log.jsonl"
+    if resume:
+        checkpoint = latest_checkpoint(out_dir)
+        state = load_checkpoint(checkpoint, engine, optimizer)
+        _check_resumable(state, config, digest, checkpoint)
+        start = int(state["step"])
+        if ctx.main:
+            for path in (log_path, eval_path):  # lines past the checkpoint will be written again
+                if path.is_file():
+                    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+                    path.write_text("".join(line + "\n" for line in kept))
+            logger.info("resumed from %s (step %d)", checkpoint, start)
+
+    elif ctx.main:  # a fresh run: logs of an earlier attempt that never checkpointed are stale
+        for path in (log_path, eval_path):
+            path.unlink(missing_ok=True)
+
+    writer = _writer(out_dir) if ctx.main else None
+    bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="train", disable=not show)
+    window: dict[str, list[float]] = defaultdict(list)
+    task_window: dict[str, list[float]] = defaultdict(list)
+    drawn: Counter[str] = Counter()
+    last_log: dict[str, Any] = {}
+    last_eval: dict[str, float] = {}
+    seconds = 0.0
+    began = time.perf_counter()
+    trainable.train()
+    for step in bar:
+        tick = time.perf_counter()
+        factor = warmup_cosine(step, warmup_steps=warmup, total_steps=run.steps, min_lr_ratio=config.optim.min_lr_ratio)
+        lr = config.optim.lr * factor
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pairs = sampler.batch(step, run.global_batch_size)
+        drawn.update(name for name, _ in pairs)
+        chunks = [list(range(k, k + run.micro_batch_size)) for k in range(0, len(pairs), run.micro_batch_size)]
+        mine = [(k, chunk) for k, chunk in enumerate(chunks) if k % ctx.world == ctx.rank]
+        sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
+        for j, (chunk_index, chunk) in enumerate(mine):
+            examples = [
+                data.example(*pairs[position], np.random.default_rng([run.seed, step, position])) for position in chunk
+            ]
+            batch = collate(examples, processor)
+            gt_masks = batch.pop("gt_masks")
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            torch.manual_seed(run.seed * 1_000_003 + step * 1_009 + chunk_index)  # dropout, the same on any layout
+            sync = j == len(mine) - 1 or not isinstance(engine, nn.parallel.DistributedDataParallel)
+            with (
+                contextlib.nullcontext() if sync else engine.no_sync(),
+                torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
+            ):
+                output = engine(**batch, gt_masks=gt_masks)
+                (output.loss / accumulation).backward()
+            sums[0] += output.loss.detach().double().cpu()
+            for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
+                sums[i + 1] += output.loss_terms[name].detach().double().cpu()
+            with torch.no_grad():
+                per_sample = _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist()
+            for example, value in zip(examples, per_sample, strict=True):
+                task_window[example.task].append(value)
+        if ctx.active:
+            dist.all_reduce(sums)
+        sums /= accumulation * ctx.world
+        grad_norm = (
+            nn.utils.clip_grad_norm_(engine.parameters(), config.optim.grad_clip)
+            if config.optim.grad_clip is not None
+            else None
+        )
+        bad = not math.isfinite(float(sums[0])) or (grad_norm is not None and not torch.isfinite(grad_norm).item())
+        if bad:
+            newest = latest_checkpoint(out_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss {float(sums[0])}, gradient norm "
+                f"{None if grad_norm is None else float(grad_norm)}); the weights were not updated. The last good "
+                f"checkpoint is {newest}: lower optim.lr or raise optim.warmup_ratio, then continue with --resume"
+                if newest
+                else f"non-finite loss at step {step}; no checkpoint was written yet. Lower optim.lr or raise "
+                "optim.warmup_ratio and start again"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - tick
+        done = step + 1
+        window["loss"].append(float(sums[0]))
+        for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
+            window[name].append(float(sums[i + 1]))
+        if grad_norm is not None:
+            window["grad_norm"].append(float(grad_norm))
+        if done % run.log_every == 0 or done == run.steps:
+            rate = run.global_batch_size * len(window["loss"]) / max(seconds, 1e-9)
+            last_log = {
+                "step": done,
+                "loss": float(np.mean(window["loss"])),
+                "lr": lr,
+                "samples_per_s": rate,
+                "terms": {k: float(np.mean(window[k])) for k in DEFAULT_LOSS_WEIGHTS},
+                "grad_norm": float(np.mean(window["grad_norm"])) if window["grad_norm"] else None,
+                "task_text_loss": {k: float(np.mean(v)) for k, v in sorted(task_window.items())},
+                "mixture": {k: round(v, 4) for k, v in mixture.weights_at(step).items()},
+                "drawn": dict(sorted(drawn.items())),
+                "seconds": time.perf_counter() - began,
+            }
+            if ctx.main:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(last_log) + "\n")
+                if writer is not None:
+                    writer.add_scalar("train/loss", last_log["loss"], done)
+                    writer.add_scalar("train/lr", lr, done)
+                    for k, v in last_log["terms"].items():
+                        writer.add_scalar(f"terms/{k}", v, done)
+                bar.set_postfix(loss=f"{last_log['loss']:.3f}", lr=f"{lr:.1e}", sps=f"{rate:.1f}")
+            window.clear()
+            task_window.clear()
+            drawn.clear()
+            seconds = 0.0
+        if run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps:
+            weights, optim_state = gather_state(engine, optimizer)
+            if ctx.main:
+                state = {"config": config_to_dict(config), "data_digest": digest}
+                save_checkpoint(out_dir, done, weights, optim_state, state, keep=run.keep_checkpoints)
+        evaluate_now = config.eval.every and done % config.eval.every == 0 and done < run.steps
+        if eval_data is not None and evaluate_now:
+            last_eval = _evaluate(engine, processor, eval_data, config, ctx, done, eval_path, writer)
+    bar.close()
+
+    model_dir = None
+    divergence = _replica_divergence(engine) if isinstance(engine, nn.parallel.DistributedDataParallel) else None
+    if eval_data is not None:
+        last_eval = _evaluate(engine, processor, eval_data, config, ctx, run.steps, eval_path, writer)
+    final = _final_model(engine, config, ctx)
+    if ctx.main:
+        model_dir = save_model(final, processor, out_dir / "model")
+        summary = {
+            "steps": run.steps,
+            "resumed_from": start,
+            "seconds_this_run": time.perf_counter() - began,
+            "world_size": ctx.world,
+            "accumulation": accumulation,
+            "replica_max_abs_diff": divergence,
+            "final": last_log,
+            "eval": last_eval,
+        }
+        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if writer is not None:
+            writer.close()
+    if ctx.active:
+        dist.barrier()
+    return TrainResult(out_dir, model_dir, run.steps, start, last_log, last_eval)
+
+
+def _replica_divergence(engine: nn.Module) -> float:
+    """The largest difference between any rank's parameters and rank 0's (0.0 when DDP kept them in step)."""
+    worst = torch.zeros((), dtype=torch.float64)
+    for param in engine.parameters():
+        reference = param.detach().clone()
+        dist.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (param.detach() - reference).abs().max().double().cpu())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def _evaluate(
+    engine: nn.Module,
+    processor: PerceptioProcessor,
+    data: TrainingData,
+    config: TrainConfig,
+    ctx: _Dist,
+    step: int,
+    path: Path,
+    writer: Any,
+) -> dict[str, float]:
+    """The quick evaluation on the main process (the others wait). Not under FSDP, whose sharded weights
+    generation cannot use directly: evaluate the saved model with ``perceptio eval`` instead."""
+    metrics: dict[str, float] = {}
+    if ctx.active and config.run.distributed == "fsdp":
+        if ctx.main:
+            logger.warning(
+                "the quick evaluation does not run under FSDP; evaluate %s/model afterwards", config.run.out_dir
+            )
+        return metrics
+    if ctx.main:
+        model = _plain(engine)
+        metrics = quick_eval(model, processor, data, samples=config.eval.samples, batch_size=config.eval.batch_size)
+        model.train()
+    if ctx.main:
+        with path.open("a") as log:
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"eval/{key}", value, step)
+        tqdm.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if ctx.active:
+        dist.barrier()
+    return metrics
+
+
+def _final_model(engine: nn.Module, config: TrainConfig, ctx: _Dist) -> PerceptioForConditionalGeneration:
+    """The trained model as a plain Perceptio model (LoRA merged; FSDP weights gathered onto the main process)."""
+    if ctx.active and config.run.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(engine, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not ctx.main:
+            return _plain(engine)
+        model, _ = build_model(config.model)
+        model.load_state_dict(full)
+        return model
+    inner = _unwrap(engine)
+    merged = merge_lora(inner) if hasattr(inner, "merge_and_unload") else inner
+    merged.freeze_frozen_parts()
+    return merged.to("cpu").eval()

@@ -1,0 +1,265 @@
+"""The training loop on the tiny preset: recipes, trainable policies, loss going down, exact resume after SIGKILL,
+DDP and FSDP under torchrun equal to one process, and a clean stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration, Sam2Model
+
+from perceptio.config import ConfigError, load_config
+from perceptio.models import PRESETS
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.tokenizers.depth import DepthTokenizer
+from perceptio.train.config import TrainConfig
+from perceptio.train.loop import NonFiniteLossError, build_model, train
+from perceptio.train.optim import accumulation_steps, build_optimizer
+from perceptio.train.policy import apply_policy
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+TINY = REPO / "configs" / "tiny_synth.yaml"
+
+
+def _overrides(world: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.root={world}",
+        "model.depth_tokenizer=null",
+        f"run.out_dir={out}",
+        "run.log_every=1",
+        "run.checkpoint_every=0",
+        "run.threads=1",
+        "eval.datasets={}",
+        *extra,
+    ]
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "perceptio", "train", "--config", str(TINY), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_parses(recipe: Path) -> None:
+    config = load_config(TrainConfig, recipe)
+    assert config.data.datasets and config.run.steps > 0
+    mixture = config.data.mixture({name: 10 for name in config.data.datasets})
+    weights = mixture.weights_at(0)
+    assert set(weights) == set(config.data.datasets) and abs(sum(weights.values()) - 1) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Same-architecture tiny InternVL / SAM2 / depth-tokenizer checkpoints on disk, standing in for the real ones."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    tokenizer = PRESETS["tiny"].text_tokenizer()
+    config = PRESETS["tiny"].config(tokenizer)
+    InternVLForConditionalGeneration(config.vlm_config).save_pretrained(root / "internvl")
+    tokenizer.save_pretrained(root / "internvl")
+    Sam2Model(config.segmenter_config).save_pretrained(root / "sam2")
+    DepthTokenizer(config.depth_tokenizer).save_pretrained(root / "depth")
+    return {"vlm": root / "internvl", "segmenter": root / "sam2", "depth_tokenizer": root / "depth"}
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("paper_")], ids=lambda p: p.name)
+def test_paper_recipes_build_on_same_architecture_checkpoints(recipe: Path, tiny_checkpoints: dict) -> None:
+    """The real recipes' model section, trainable rules and optimiser build through the real-checkpoint path."""
+    overrides = [f"model.{key}={path}" for key, path in tiny_checkpoints.items()] + ["model.dtype=float32"]
+    config = load_config(TrainConfig, recipe, overrides)
+    model, _ = build_model(config.model)
+    wrapped, plan = apply_policy(model, config.trainable)
+    assert plan.lora_layers and all(".language_model." in name for name in plan.lora_layers)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("mask_decoder" in n for n in trainable)
+    assert not any("vision_tower" in n or "vision_encoder" in n or "depth_tokenizer" in n for n in trainable)
+    assert build_optimizer(wrapped, lr=config.optim.lr).param_groups
+    # the recipe's global batch splits exactly over 16 GPUs at its micro batch
+    assert accumulation_steps(config.run.global_batch_size, config.run.micro_batch_size, 16) >= 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.stpes=3"], "unknown key 'run.stpes'; did you mean 'steps'?"),
+        (["optim.lr=-1"], "need lr > 0"),
+        (["model.vlm=/x"], "exactly one model source"),
+        (["data.weights={nope: 1}"], "data.weights names ['nope']"),
+        (["run.micro_batch_size=64"], "exceeds run.global_batch_size"),
+        (["trainable.default=half"], "'half' is not one of"),
+        (["data.datasets.vqa.format=coco"], "data.datasets.vqa.format: 'coco' is not one of"),
+    ],
+)
+def test_recipe_errors_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, TINY, overrides)
+    assert message in str(err.value) and "tiny_synth.yaml" in str(err.value)
+
+
+def test_policy_rules_that_match_nothing_are_errors(world_dir: Path, tmp_path: Path) -> None:
+    config = load_config(
+        TrainConfig, TINY, _overrides(world_dir, tmp_path, 'trainable.rules={"vlm.languagemodel.*": lora}')
+    )
+    model, _ = build_model(config.model)
+    with pytest.raises(ValueError, match=r"\['vlm.languagemodel.\*'\] match no parameter"):
+        apply_policy(model, config.trainable)
+
+
+def test_policy_table_and_modes(world_dir: Path, tmp_path: Path) -> None:
+    rules = 'trainable.rules={"vlm.model.language_model.*": lora, "seg_projection.*": full}'
+    config = load_config(TrainConfig, TINY, _overrides(world_dir, tmp_path, "trainable.default=frozen", rules))
+    model, _ = build_model(config.model)
+    wrapped, plan = apply_policy(model, config.trainable)
+    table = plan.table(wrapped)
+    assert "vlm.model.language_model" in table and "lora" in table and "total" in table
+    assert (
+        plan.modes["seg_projection.0.weight"] == "full"
+        and plan.modes["vlm.model.vision_tower.embeddings.patch_embeddings.projection.weight"] == "frozen"
+    )
+    assert all(plan.modes[n] == "fixed" for n in plan.modes if n.startswith("depth_tokenizer."))
+    names = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens" in n for n in names), "the perception-token rows train under LoRA"
+    assert not any("vision_tower" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("policy", ["full", "lora"])
+def test_training_reduces_the_loss(policy: str, world_dir: Path, tmp_path: Path) -> None:
+    extra = ["run.steps=24", "run.global_batch_size=8", "run.micro_batch_size=8", "optim.lr=3e-3", "run.log_every=6"]
+    if policy == "lora":
+        extra += [
+            "trainable.default=frozen",
+            'trainable.rules={"vlm.model.language_model.*": lora, "vlm.model.multi_modal_projector.*": full, '
+            '"seg_projection.*": full, "segmenter.mask_decoder.*": full}',
+            "optim.lr=1e-2",
+        ]
+    config = load_config(TrainConfig, TINY, _overrides(world_dir, tmp_path / policy, *extra))
+    result = train(config, progress=False)
+    losses = _losses(tmp_path / policy)
+    assert len(losses) == 4 and losses[-1] < 0.75 * losses[0], losses
+    assert result.model_dir is not None and (result.model_dir / "model.safetensors").is_file()
+    log = json.loads((tmp_path / policy / "train_log.jsonl").read_text().splitlines()[-1])
+    assert set(log["terms"]) >= {"text", "depth_token", "depth_marker", "depth_count", "depth_recon", "mask_bce"}
+    assert log["task_text_loss"] and log["samples_per_s"] > 0 and sum(log["drawn"].values()) == 6 * 8
+    saved = PerceptioForConditionalGeneration.from_pretrained(result.model_dir)
+    assert not any("lora" in name for name in saved.state_dict()), "LoRA is merged into the saved model"
+    assert (tmp_path / policy / "config.yaml").is_file() and (tmp_path / policy / "trainable.txt").is_file()
+
+
+def test_quick_evaluation_runs_and_is_logged(world_dir: Path, tmp_path: Path) -> None:
+    evaluation = (
+        'eval.datasets={"refseg": {format: refcoco, path: ., split: val, image_root: images, depth: depth/val}, '
+        '"vqa": {format: conversation, path: vqa/val.json, image_root: images}}'
+    )
+    overrides = _overrides(
+        world_dir, tmp_path, "run.steps=2", "eval.every=1", "eval.samples=3", "run.global_batch_size=4"
+    )
+    config = load_config(TrainConfig, TINY, [*overrides[:-1], evaluation, "run.micro_batch_size=4"])
+    result = train(config, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "eval_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert {"refseg/span_ok", "refseg/seg_ciou", "vqa/answer_acc"} <= set(lines[-1])
+    assert all(0 <= v <= 1 for k, v in lines[-1].items() if k != "step") and result.last_eval == {
+        k: v for k, v in lines[-1].items() if k != "step"
+    }
+
+
+def test_non_finite_loss_stops_cleanly(world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = PerceptioForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(PerceptioForConditionalGeneration, "forward", poisoned)
+    extra = ["run.steps=6", "run.checkpoint_every=2", "run.global_batch_size=4", "run.micro_batch_size=4"]
+    config = load_config(TrainConfig, TINY, _overrides(world_dir, tmp_path, *extra))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3.*step-0000002.*--resume"):
+        train(config, progress=False)
+    assert (tmp_path / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
+    assert not (tmp_path / "model").exists()
+
+
+def test_resume_refuses_another_recipe(world_dir: Path, tmp_path: Path) -> None:
+    base = _overrides(
+        world_dir,
+        tmp_path,
+        "run.steps=2",
+        "run.checkpoint_every=1",
+        "run.global_batch_size=4",
+        "run.micro_batch_size=4",
+    )
+    train(load_config(TrainConfig, TINY, base), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(load_config(TrainConfig, TINY, base), progress=False)
+    with pytest.raises(ValueError, match=r"optim.lr \(checkpoint 0.001, now 0.002\)"):
+        train(load_config(TrainConfig, TINY, [*base, "optim.lr=2e-3"]), resume=True, progress=False)
+
+
+def test_sigkill_and_resume_follow_the_uninterrupted_run(world_dir: Path, tmp_path: Path) -> None:
+    common = ["run.steps=30", "run.checkpoint_every=5", "run.global_batch_size=4", "run.micro_batch_size=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(*_overrides(world_dir, straight, *common)), check=True, env=_env(), capture_output=True)
+    process = subprocess.Popen(
+        _cli(*_overrides(world_dir, killed, *common)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-0000010" / "trainer_state.json").is_file():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists(), "killed before the end"
+    subprocess.run(
+        _cli(*_overrides(world_dir, killed, *common), "--resume"), check=True, env=_env(), capture_output=True
+    )
+    assert _losses(killed) == _losses(straight) and len(_losses(straight)) == 30
+    a, b = (
+        load_file(str(straight / "model" / "model.safetensors")),
+        load_file(str(killed / "model" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(strategy: str, world_dir: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo) and the same global batch: same losses and weights as 1 process."""
+    common = ["run.steps=4", "run.global_batch_size=8", "run.micro_batch_size=4", f"run.distributed={strategy}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(*_overrides(world_dir, one, *common)), check=True, env=_env(), capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "perceptio"]
+    args = ["train", "--config", str(TINY), *_overrides(world_dir, two, *common, "run.checkpoint_every=2")]
+    done = subprocess.run([*torchrun, *args], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
+    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert (two / "checkpoints" / "step-0000002" / "trainable.safetensors").is_file()
+    if strategy == "ddp":  # every rank holds the same weights
+        assert json.loads((two / "training.json").read_text())["replica_max_abs_diff"] == 0.0
