@@ -1,0 +1,39 @@
+"""The model-free evaluation layer: benchmark metrics as mergeable accumulators and answer-letter extraction.
+
+Metrics follow docs/data_and_eval.md 7.2 (cIoU/gIoU as LISA and Sa2VA, BLINK/HardBLINK accuracy per point count,
+MMBench CircularEval and vanilla accuracy); letter extraction follows 7.3. Nothing here loads a model.
+"""
+
+from perceptio.eval.extract import (
+    LetterAnswer,
+    extract_letter,
+    parse_answer,
+    strip_perception_tokens,
+    vlmevalkit_letter,
+)
+from perceptio.eval.metrics import (
+    CIOU_EPS,
+    GIOU_EPS,
+    HARDBLINK_POINT_COUNTS,
+    MaskScore,
+    MMBenchRecord,
+    RelativeDepthMeter,
+    SegmentationMeter,
+    score_mmbench,
+)
+
+__all__ = [
+    "CIOU_EPS",
+    "GIOU_EPS",
+    "HARDBLINK_POINT_COUNTS",
+    "LetterAnswer",
+    "MMBenchRecord",
+    "MaskScore",
+    "RelativeDepthMeter",
+    "SegmentationMeter",
+    "extract_letter",
+    "parse_answer",
+    "score_mmbench",
+    "strip_perception_tokens",
+    "vlmevalkit_letter",
+]
