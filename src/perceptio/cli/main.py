@@ -377,6 +377,143 @@ def train(
 
 
 @app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="A model folder (perceptio train's model/).")],
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder of files per (image, prompt).")],
+    image: Annotated[list[Path] | None, typer.Option(help="An image (repeat for several).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="The prompt, asked about every --image.")] = None,
+    jsonl: Annotated[
+        Path | None, typer.Option(help='A JSONL file of {"image": PATH, "prompt": TEXT} lines (paths relative to it).')
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
+    spatial_cot: Annotated[
+        bool, typer.Option("--spatial-cot/--no-spatial-cot", help="Let the model write spatial tokens.")
+    ] = True,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+) -> None:
+    """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each."""
+    from tqdm.auto import tqdm
+
+    from perceptio.inference import Perceptio
+
+    pairs: list[tuple[Path, str]] = []
+    if jsonl is not None:
+        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                path = Path(item["image"])
+                pairs.append((path if path.is_absolute() else jsonl.parent / path, str(item["prompt"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                _fail(f'{jsonl}:{number}: expected {{"image": PATH, "prompt": TEXT}} ({err})')
+    if image:
+        if prompt is None:
+            _fail("--image needs --prompt")
+        pairs += [(path, prompt) for path in image]
+    if not pairs:
+        _fail("nothing to predict: give --image PATH --prompt TEXT, or --jsonl FILE")
+    for path, _ in pairs:
+        if not path.is_file():
+            _fail(f"image not found: {path}")
+    try:
+        runner = Perceptio.from_pretrained(model, device=device)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err))
+    names: dict[str, int] = {}
+    bar = tqdm(total=len(pairs), desc="predict", disable=len(pairs) < 2)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        predictions = runner.predict([p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot)
+        for (path, question), prediction in zip(chunk, predictions, strict=True):
+            count = names.get(path.stem, 0)
+            names[path.stem] = count + 1
+            folder = out / (path.stem if count == 0 else f"{path.stem}_{count}")
+            runner.save_prediction(prediction, path, folder, prompt=question)
+            depth = "yes" if prediction.depth is not None else "no"
+            issues = f" issues: {'; '.join(prediction.issues)}" if prediction.issues else ""
+            tqdm.write(
+                f"{path.name}: {prediction.answer!r} ({len(prediction.masks)} mask(s), depth {depth}) -> {folder}"
+                f"{issues}"
+            )
+        bar.update(len(chunk))
+    bar.close()
+
+
+@app.command("eval")
+def evaluate(
+    task: Annotated[str, typer.Argument(help="refcoco, hardblink, blink, mmbench or depth.")],
+    model: Annotated[Path, typer.Option(help="A model folder (perceptio train's model/).")],
+    data: Annotated[Path, typer.Option(help="The benchmark data (see docs/evaluation.md for each task).")],
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl, metrics.json.")],
+    split: Annotated[str | None, typer.Option(help="Split (refcoco: val/testA/testB/test; blink: val).")] = None,
+    dataset: Annotated[str, typer.Option(help="refcoco, refcoco+ or refcocog (task refcoco).")] = "refcoco",
+    image_root: Annotated[Path | None, typer.Option(help="Images, when not found next to the annotations.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip samples already predicted.")] = False,
+    spatial_cot: Annotated[
+        bool, typer.Option("--spatial-cot/--no-spatial-cot", help="Off: ban spatial tokens (direct answering).")
+    ] = True,
+    constrain: Annotated[
+        bool, typer.Option("--constrain/--no-constrain", help="Constrain the depth-span grammar while decoding.")
+    ] = True,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+) -> None:
+    """Evaluate a model on a benchmark: predictions.jsonl (resumable), metrics.json and a summary table. Under
+    torchrun each process takes a shard."""
+    import os
+
+    from perceptio.data.errors import DataError
+    from perceptio.eval.harness import EvalSettings, run_eval
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        settings = EvalSettings(
+            task=task,
+            model=model,
+            data=data,
+            out=out,
+            split=split,
+            dataset=dataset,
+            image_root=image_root,
+            limit=limit,
+            batch_size=batch_size,
+            resume=resume,
+            spatial_cot=spatial_cot,
+            constrain=constrain,
+            device=device,
+        )
+        metrics = run_eval(settings)
+    except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err).strip('"'))
+    if metrics:
+        _print_table([("metric", "value")] + [(k, _format_metric(v)) for k, v in _flat_metrics(metrics).items()])
+        typer.echo(f"predictions and metrics in {out}")
+    if distributed:  # the gloo exit abort of stack.md section 5
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def _flat_metrics(payload: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            flat.update(_flat_metrics(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _format_metric(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
     num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 1000,

@@ -18,18 +18,12 @@ import torch
 
 from perceptio.data.schema import Task
 from perceptio.data.templates import render_sample
+from perceptio.eval.extract import extract_letter
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.train.data import TrainingData, needs_depth_span
 
 __all__ = ["quick_eval"]
-
-_LETTER = re.compile(r"\(([A-Z])\)|\b([A-Z])\b")
-
-
-def _letter(text: str) -> str | None:
-    match = _LETTER.search(text)
-    return (match.group(1) or match.group(2)) if match else None
 
 
 def _normalise(text: str) -> str:
@@ -72,7 +66,8 @@ def quick_eval(
                 inter += int((target & predicted).sum())
                 union += int((target | predicted).sum())
             elif sample.task in (Task.RELATIVE_DEPTH, Task.MULTIPLE_CHOICE) and sample.answer is not None:
-                counts["answer_acc"].append(float(_letter(prediction.answer) == sample.answer))
+                letter = extract_letter(prediction.answer, len(sample.letters))
+                counts["answer_acc"].append(float(letter == sample.answer))
             elif sample.task is Task.VQA and sample.answer is not None:
                 counts["answer_acc"].append(float(_normalise(prediction.answer) == _normalise(sample.answer)))
         for metric, values in counts.items():

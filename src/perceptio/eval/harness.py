@@ -1,0 +1,425 @@
+"""The benchmark harness behind ``perceptio eval``: exact metrics, resumable, shardable over torchrun ranks.
+
+Tasks and what they score (docs/data_and_eval.md section 7):
+
+* ``refcoco``: cIoU (intersection and union summed over the split) and gIoU; several predicted masks are OR-ed,
+  no segmentation token is an empty mask, predictions are compared at the original image size.
+* ``hardblink`` / ``blink``: letter accuracy per point count and their mean, with the deterministic extraction of
+  :func:`perceptio.eval.extract.parse_answer` (unparsable and out-of-range answers are wrong); where the
+  question carries its marker coordinates and the model wrote a depth span, also the "programmatic" accuracy
+  read off the decoded depth map at the markers.
+* ``mmbench``: CircularEval and single-pass accuracy, overall and per category; ``vlmevalkit.tsv`` exports the
+  predictions in the layout VLMEvalKit reads.
+* ``depth``: AbsRel, RMSE and delta < 1.25 of the decoded depth span against the ground-truth map, both in the
+  tokenizer's normalised convention at its input size.
+
+Every sample's line goes to ``predictions.jsonl`` as soon as its batch is done; ``resume`` skips the samples
+already there, and the metrics are always recomputed from the lines, so a resumed evaluation reports exactly
+what an uninterrupted one does. Under torchrun each rank takes every ``world``-th sample and writes its own
+part; rank 0 merges them, so the sums behind cIoU are reduced over ranks, never averages of ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from perceptio.config import write_run_record
+from perceptio.data.errors import DataError
+from perceptio.data.readers import read_blink, read_depth_folder, read_hardblink, read_mmbench, read_refer
+from perceptio.data.schema import Sample
+from perceptio.data.templates import render_sample
+from perceptio.eval.extract import parse_answer
+from perceptio.eval.metrics import MMBenchRecord, RelativeDepthMeter, SegmentationMeter, score_mmbench
+from perceptio.models.build import load_model
+from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, Prediction
+from perceptio.models.processing import PerceptioProcessor
+from perceptio.tokenizers.depth.evaluate import depth_metrics
+from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
+
+__all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("refcoco", "hardblink", "blink", "mmbench", "depth")
+SEGMENT_PROMPT = "Please segment {expr} in this image."  # the LISA / Sa2VA evaluation prompt (spec.md A.12)
+DEPTH_PROMPT = "What is the depth map for the image?"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One evaluation run.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        model: the model folder.
+        data: refcoco: the refer root (with ``refs(*).p``); hardblink: the folder with ``questions/``; blink: the
+            parquet file or BLINK root; mmbench: the ``.tsv``; depth: a depth folder or a synthetic world.
+        out: the output folder.
+        split: the split (refcoco: val/testA/testB/test; blink: val/test; depth with a world: its split).
+        dataset: refcoco, refcoco+ or refcocog (refcoco only).
+        image_root: images, when not found next to the annotations.
+        limit: only the first N samples.
+        batch_size: prompts per generation batch.
+        resume: keep the samples already in ``predictions.jsonl``.
+        spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
+        constrain: constrain the depth-span grammar while decoding (decision 8).
+    """
+
+    task: str
+    model: Path
+    data: Path
+    out: Path
+    split: str | None = None
+    dataset: str = "refcoco"
+    image_root: Path | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    resume: bool = False
+    spatial_cot: bool = True
+    constrain: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("batch_size and limit must be at least 1")
+
+
+def load_task_samples(settings: EvalSettings) -> list[Sample]:
+    """The samples of a task, in a stable order."""
+    task, data = settings.task, Path(settings.data)
+    if task == "refcoco":
+        samples = read_refer(data, settings.dataset, split=settings.split or "val", image_root=settings.image_root)
+    elif task == "hardblink":
+        samples = read_hardblink(data, split=settings.split)
+    elif task == "blink":
+        samples = [s for s in read_blink(data, split=settings.split or "val") if s.answer is not None]
+        if not samples:
+            raise DataError(
+                "the BLINK split hides its answers", path=data, fix="evaluate on --split val (test answers are hidden)"
+            )
+    elif task == "mmbench":
+        samples = read_mmbench(data)
+        hidden = [s for s in samples if s.answer is None]
+        if hidden:
+            raise DataError(
+                f"{len(hidden)} rows have no gold answer", path=data, fix="use a dev split (test answers are hidden)"
+            )
+    else:
+        if (data / "manifest.json").is_file():  # a synthetic world
+            samples = read_depth_folder(data / "depth" / (settings.split or "val"), image_dir=data / "images")
+        else:
+            samples = read_depth_folder(data, image_dir=settings.image_root, split=settings.split)
+    return samples[: settings.limit] if settings.limit is not None else samples
+
+
+def _prompt(task: str, sample: Sample, model: PerceptioForConditionalGeneration) -> str:
+    if task == "refcoco":
+        return SEGMENT_PROMPT.format(expr=sample.query)
+    if task == "depth":
+        return DEPTH_PROMPT
+    if task == "mmbench":
+        rng = np.random.default_rng(0)
+        return render_sample(sample, model.config.vocab, rng, depth_cot=False).query
+    return sample.query
+
+
+def _programmatic(sample: Sample, prediction: Prediction) -> str | None:
+    """The marker with the largest decoded value (1 = nearest) at its coordinates, when both are known."""
+    if prediction.depth is None or not sample.points:
+        return None
+    h, w = prediction.depth.shape
+    values = [prediction.depth[min(h - 1, max(0, int(p.y))), min(w - 1, max(0, int(p.x)))] for p in sample.points]
+    return sample.points[int(np.argmax(values))].label
+
+
+def _score(
+    task: str, sample: Sample, prediction: Prediction, truth: np.ndarray | None, decoded: np.ndarray | None
+) -> dict[str, Any]:
+    """One sample's score fields (``truth``/``decoded``: the depth task's normalised maps at the tokenizer size)."""
+    if task == "refcoco":
+        target = sample.target_mask()
+        meter = SegmentationMeter()
+        score = meter.add([m.astype(bool) for m in prediction.masks], target.astype(bool))
+        return {
+            "intersection": score.intersection,
+            "union": score.union,
+            "iou": score.iou,
+            "empty_target": not target.any(),
+            "empty_prediction": not any(m.any() for m in prediction.masks),
+            "num_masks": len(prediction.masks),
+        }
+    if task in ("hardblink", "blink", "mmbench"):
+        letters = sample.letters
+        parsed = parse_answer(prediction.answer, len(letters), choices=sample.choices if task == "mmbench" else None)
+        out: dict[str, Any] = {
+            "letter": parsed.letter,
+            "label": parsed.label,
+            "rule": parsed.rule,
+            "gold": sample.answer,
+            "correct": parsed.letter is not None and parsed.letter == sample.answer,
+            "num_options": len(letters),
+        }
+        if task == "mmbench":
+            out.update(
+                index=sample.meta.get("index"),
+                category=sample.meta.get("category"),
+                l2_category=sample.meta.get("l2_category"),
+            )
+        else:
+            programmatic = _programmatic(sample, prediction)
+            out.update(
+                point_count=len(letters),
+                programmatic=programmatic,
+                programmatic_correct=None if programmatic is None else programmatic == sample.answer,
+            )
+        return out
+    if decoded is None or truth is None:  # depth, without a span
+        return {"decoded": False}
+    return {"decoded": True, **depth_metrics(decoded, truth)}
+
+
+def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | None = None) -> dict[str, Any]:
+    """The task's metrics from ``predictions.jsonl`` records (one per sample)."""
+    scores = [r["score"] for r in records]
+    well_formed = float(np.mean([not r["issues"] for r in records])) if records else None
+    if task == "refcoco":
+        state = {
+            "combine": "union",
+            "iou_sum": float(sum(s["iou"] for s in scores)),
+            "intersection": sum(s["intersection"] for s in scores),
+            "union": sum(s["union"] for s in scores),
+            "count": len(scores),
+            "empty_targets": sum(bool(s["empty_target"]) for s in scores),
+            "empty_predictions": sum(bool(s["empty_prediction"]) for s in scores),
+        }
+        result = SegmentationMeter.from_state(state).result()
+        result["missing_seg_rate"] = float(np.mean([s["num_masks"] == 0 for s in scores])) if scores else None
+    elif task in ("hardblink", "blink"):
+        answers, programmatic = RelativeDepthMeter(), RelativeDepthMeter()
+        for s in scores:
+            answers.add(s["point_count"], bool(s["correct"]), parsed=s["letter"] is not None)
+            if s["programmatic"] is not None:
+                programmatic.add(s["point_count"], bool(s["programmatic_correct"]))
+        result = {
+            "answer": answers.result(),
+            "programmatic": programmatic.result() if programmatic.point_counts else None,
+        }
+        result["unparsed_rate"] = float(np.mean([s["letter"] is None for s in scores])) if scores else None
+    elif task == "mmbench":
+        mm = [MMBenchRecord(s["index"], s["gold"], s["letter"], s["category"], s["l2_category"]) for s in scores]
+        expected = [int(x.meta["index"]) for x in samples] if samples is not None else None
+        result = score_mmbench(mm, expected_indices=expected)
+    else:
+        decoded = [s for s in scores if s["decoded"]]
+        result = {
+            "decoded_rate": len(decoded) / len(scores) if scores else None,
+            **{k: float(np.mean([s[k] for s in decoded])) for k in ("abs_rel", "rmse", "delta1") if decoded},
+        }
+    return {"task": task, "count": len(records), "well_formed_rate": well_formed, **result}
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: that sample is simply predicted again
+            logger.warning("%s:%d is incomplete; its sample will be predicted again", path, number)
+    return lines
+
+
+def _depth_reference(model: PerceptioForConditionalGeneration, samples: list[Sample]) -> dict[str, np.ndarray]:
+    size = model.config.depth_tokenizer.input_size
+    maps, kept = teacher_maps(samples, GroundTruthTeacher(), size=size, progress=False)
+    return {s.sample_id: m.depth for s, m in zip(kept, maps, strict=True)}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_eval(
+    settings: EvalSettings,
+    *,
+    progress: bool = True,
+    model: tuple[PerceptioForConditionalGeneration, PerceptioProcessor] | None = None,
+) -> dict[str, Any]:
+    """Evaluate and write ``predictions.jsonl`` and ``metrics.json`` into ``settings.out``; returns the metrics.
+
+    Args:
+        settings: what to evaluate.
+        progress: show a progress bar (main process).
+        model: an already loaded model and processor (default: load ``settings.model``).
+    """
+    rank, world = _world()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = load_task_samples(settings)
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise DataError("sample ids repeat; predictions could not be matched on resume", path=settings.data)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        loaded, processor = load_model(settings.model, device=device)
+    else:
+        loaded, processor = model
+    final_path = out / "predictions.jsonl"
+    part_path = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
+    if not settings.resume and rank == 0:
+        for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
+            stale.unlink(missing_ok=True)
+    if part_path.is_file():  # drop a line cut short by a kill, so appended lines start on a line of their own
+        part_path.write_text("".join(json.dumps(r) + "\n" for r in _read_lines(part_path)))
+    if world > 1:
+        dist.barrier()
+    done = {r["id"] for path in [final_path, *out.glob("predictions.rank*.jsonl")] for r in _read_lines(path)}
+    mine = [s for k, s in enumerate(samples) if k % world == rank and s.sample_id not in done]
+    reference = _depth_reference(loaded, mine) if settings.task == "depth" and mine else None
+    require_span = settings.task == "depth" and settings.spatial_cot
+    bar = tqdm(total=len(mine), desc=f"eval {settings.task}", disable=not (progress and rank == 0))
+    with part_path.open("a") as handle:
+        for start in range(0, len(mine), settings.batch_size):
+            chunk = mine[start : start + settings.batch_size]
+            images = [s.image.load() for s in chunk]
+            prompts = [_prompt(settings.task, s, loaded) for s in chunk]
+            predictions = loaded.predict(
+                images,
+                prompts,
+                processor,
+                spatial=settings.spatial_cot,
+                constrain=settings.constrain,
+                require_depth_span=require_span,
+                batch_size=settings.batch_size,
+            )
+            for sample, prompt, prediction in zip(chunk, prompts, predictions, strict=True):
+                truth = decoded = None
+                if reference is not None:
+                    truth = reference.get(sample.sample_id)
+                    if prediction.depth_codes is not None:
+                        codes = torch.from_numpy(prediction.depth_codes)[None].to(loaded.device)
+                        decoded = loaded.depth_tokenizer.decode(codes)[0].float().cpu().numpy()
+                line = {
+                    "id": sample.sample_id,
+                    "prompt": prompt,
+                    "output": prediction.text,
+                    "answer": prediction.answer,
+                    "issues": prediction.issues,
+                    "score": _score(settings.task, sample, prediction, truth, decoded),
+                }
+                handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            bar.update(len(chunk))
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        metrics = _finish(settings, samples, out)
+    if world > 1:
+        dist.barrier()
+    return metrics
+
+
+def _finish(settings: EvalSettings, samples: list[Sample], out: Path) -> dict[str, Any]:
+    """Merge rank parts into ``predictions.jsonl`` (sample order), score, write ``metrics.json`` (and exports)."""
+    lines = {
+        r["id"]: r
+        for path in [out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")]
+        for r in _read_lines(path)
+    }
+    ordered = [lines[s.sample_id] for s in samples if s.sample_id in lines]
+    tmp = out / "predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.replace(out / "predictions.jsonl")
+    for part in out.glob("predictions.rank*.jsonl"):
+        part.unlink()
+    missing = len(samples) - len(ordered)
+    if missing:
+        raise RuntimeError(f"{missing} samples have no prediction; run again with --resume")
+    metrics = summarize(settings.task, ordered, samples if settings.limit is None else None)
+    record = {
+        "metrics": metrics,
+        "protocol": {
+            "task": settings.task,
+            "split": settings.split,
+            "dataset": settings.dataset if settings.task == "refcoco" else None,
+            "spatial_cot": settings.spatial_cot,
+            "constrained_decoding": settings.constrain,
+            "greedy": True,
+            "limit": settings.limit,
+            "batch_size": settings.batch_size,
+        },
+        "model": str(settings.model),
+        "data": str(settings.data),
+    }
+    write_run_record(out, record)  # environment.json: versions and git revision (config.yaml: the settings)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    if settings.task == "mmbench":
+        export_vlmevalkit(samples, ordered, out / "vlmevalkit.tsv")
+    return metrics
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).replace("\t", " ").replace("\n", " ")
+
+
+def export_vlmevalkit(samples: list[Sample], records: list[dict[str, Any]], path: Path) -> Path:
+    """MMBench predictions as VLMEvalKit's evaluation reads them: the benchmark's columns plus ``prediction``."""
+    by_id = {r["id"]: r for r in records}
+    letters = "ABCDEFGHI"
+    header = [
+        "index",
+        "question",
+        "hint",
+        *letters[: max(len(s.choices) for s in samples)],
+        "answer",
+        "category",
+        "l2-category",
+        "split",
+        "prediction",
+    ]
+    rows = ["\t".join(header)]
+    for sample in samples:
+        record = by_id.get(sample.sample_id)
+        if record is None:
+            continue
+        options = [sample.choices[k] if k < len(sample.choices) else "" for k in range(len(header) - 8)]
+        rows.append(
+            "\t".join(
+                _cell(v)
+                for v in [
+                    sample.meta.get("index"),
+                    sample.query,
+                    sample.meta.get("hint"),
+                    *options,
+                    sample.answer,
+                    sample.meta.get("category"),
+                    sample.meta.get("l2_category"),
+                    sample.meta.get("split"),
+                    record["answer"],
+                ]
+            )
+        )
+    path.write_text("\n".join(rows) + "\n")
+    return path
