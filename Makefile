@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/depth_tokenizer.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/evaluation.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
