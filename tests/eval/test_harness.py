@@ -85,6 +85,20 @@ def test_resume_after_a_partial_predictions_file(model_dir: Path, world_dir: Pat
     assert (partial / "predictions.jsonl").read_text().splitlines() == lines
 
 
+def test_resume_refuses_other_settings(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    data = world_dir / "hardblink" / "val"
+    run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2), progress=False)
+    with pytest.raises(ValueError, match="spatial_cot: True then, False now"):
+        run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2, spatial_cot=False, resume=True))
+
+
+def test_mmbench_limit_keeps_whole_circular_groups(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    settings = _settings("mmbench", model_dir, world_dir / "mmbench" / "val.tsv", tmp_path, limit=2)
+    metrics = run_eval(settings, progress=False)
+    assert metrics["num_questions"] == 2 and not metrics["incomplete_groups"]
+    assert metrics["num_records"] > 2  # the copies of both questions
+
+
 def test_two_ranks_equal_one(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     common = [
         "eval", "refcoco", "--model", str(model_dir), "--data", str(world_dir), "--split", "val", "--limit", "10",

@@ -332,6 +332,9 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint in run.out_dir.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier run's outputs in run.out_dir.")
+    ] = False,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Teacher-map cache (default $PERCEPTIO_CACHE or ~/.cache/perceptio).")
     ] = None,
@@ -349,14 +352,13 @@ def train(
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         recipe = load_config(TrainConfig, config, overrides or [])
-        result = run_training(recipe, resume=resume, cache_dir=cache_dir or default_cache_dir())
+        result = run_training(recipe, resume=resume, overwrite=overwrite, cache_dir=cache_dir or default_cache_dir())
     except (
         ConfigError,
         DataError,
         FileExistsError,
         FileNotFoundError,
         FloatingPointError,
-        KeyError,
         ValueError,
     ) as err:
         _fail(str(err).strip('"'))
@@ -424,7 +426,9 @@ def predict(
     bar = tqdm(total=len(pairs), desc="predict", disable=len(pairs) < 2)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        predictions = runner.predict([p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot)
+        predictions = runner.predict(
+            [p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot, batch_size=batch_size
+        )
         for (path, question), prediction in zip(chunk, predictions, strict=True):
             count = names.get(path.stem, 0)
             names[path.stem] = count + 1
@@ -465,7 +469,7 @@ def evaluate(
     import os
 
     from perceptio.data.errors import DataError
-    from perceptio.eval.harness import EvalSettings, run_eval
+    from perceptio.eval.harness import EvalSettings, IncompleteEvaluationError, run_eval
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -485,7 +489,7 @@ def evaluate(
             device=device,
         )
         metrics = run_eval(settings)
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (DataError, FileNotFoundError, ValueError, IncompleteEvaluationError) as err:
         _fail(str(err).strip('"'))
     if metrics:
         _print_table([("metric", "value")] + [(k, _format_metric(v)) for k, v in _flat_metrics(metrics).items()])

@@ -68,7 +68,7 @@ class EvalSettings:
         split: the split (refcoco: val/testA/testB/test; blink: val/test; depth with a world: its split).
         dataset: refcoco, refcoco+ or refcocog (refcoco only).
         image_root: images, when not found next to the annotations.
-        limit: only the first N samples.
+        limit: only the first N samples (MMBench: the first N questions with all their circular copies).
         batch_size: prompts per generation batch.
         resume: keep the samples already in ``predictions.jsonl``.
         spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
@@ -121,6 +121,9 @@ def load_task_samples(settings: EvalSettings) -> list[Sample]:
             samples = read_depth_folder(data / "depth" / (settings.split or "val"), image_dir=data / "images")
         else:
             samples = read_depth_folder(data, image_dir=settings.image_root, split=settings.split)
+    if settings.limit is not None and task == "mmbench":  # whole questions: every circular copy of the first N
+        kept = set(list(dict.fromkeys(s.meta["g_index"] for s in samples))[: settings.limit])
+        return [s for s in samples if s.meta["g_index"] in kept]
     return samples[: settings.limit] if settings.limit is not None else samples
 
 
@@ -185,8 +188,10 @@ def _score(
                 programmatic_correct=None if programmatic is None else programmatic == sample.answer,
             )
         return out
-    if decoded is None or truth is None:  # depth, without a span
-        return {"decoded": False}
+    if truth is None:
+        return {"decoded": decoded is not None}
+    if decoded is None:  # no span: scored as a flat map, so failures count against the model
+        return {"decoded": False, **depth_metrics(np.full_like(truth, 0.5), truth)}
     return {"decoded": True, **depth_metrics(decoded, truth)}
 
 
@@ -223,9 +228,16 @@ def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | 
         result = score_mmbench(mm, expected_indices=expected)
     else:
         decoded = [s for s in scores if s["decoded"]]
+        scored = [s for s in scores if "abs_rel" in s]
         result = {
             "decoded_rate": len(decoded) / len(scores) if scores else None,
-            **{k: float(np.mean([s[k] for s in decoded])) for k in ("abs_rel", "rmse", "delta1") if decoded},
+            # every sample (a missing span scores as a flat map), then the decoded spans alone
+            **{k: float(np.mean([s[k] for s in scored])) for k in ("abs_rel", "rmse", "delta1") if scored},
+            **{
+                f"{k}_decoded": float(np.mean([s[k] for s in decoded]))
+                for k in ("abs_rel", "rmse", "delta1")
+                if decoded
+            },
         }
     return {"task": task, "count": len(records), "well_formed_rate": well_formed, **result}
 
@@ -280,16 +292,33 @@ def run_eval(
     if len(set(ids)) != len(ids):
         raise DataError("sample ids repeat; predictions could not be matched on resume", path=settings.data)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:  # one GPU per rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if model is None:
         loaded, processor = load_model(settings.model, device=device)
     else:
         loaded, processor = model
     final_path = out / "predictions.jsonl"
     part_path = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
-    if not settings.resume and rank == 0:
-        for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
-            stale.unlink(missing_ok=True)
-    if part_path.is_file():  # drop a line cut short by a kill, so appended lines start on a line of their own
+    protocol = _protocol(settings)
+    settings_path = out / "eval_settings.json"
+    if rank == 0:
+        if settings.resume and settings_path.is_file():
+            saved = json.loads(settings_path.read_text())
+            differ = {k: (saved.get(k), v) for k, v in protocol.items() if saved.get(k) != v}
+            if differ:
+                raise ValueError(
+                    f"{out}: cannot resume predictions made with other settings "
+                    f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in differ.items())}); "
+                    "use the original settings or another --out"
+                )
+        if not settings.resume:
+            for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
+                stale.unlink(missing_ok=True)
+        settings_path.write_text(json.dumps(protocol, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()  # stale files are gone before any rank reads or appends
+    if settings.resume and part_path.is_file():  # drop a line cut short by a kill before appending
         part_path.write_text("".join(json.dumps(r) + "\n" for r in _read_lines(part_path)))
     if world > 1:
         dist.barrier()
@@ -333,31 +362,42 @@ def run_eval(
     bar.close()
     if world > 1:
         dist.barrier()
-    metrics: dict[str, Any] = {}
-    if rank == 0:
-        metrics = _finish(settings, samples, out)
-    if world > 1:
-        dist.barrier()
-    return metrics
+    return _finish(settings, samples, out) if rank == 0 else {}
+
+
+class IncompleteEvaluationError(RuntimeError):
+    """Some samples have no prediction line (a rank failed); ``--resume`` completes them."""
+
+
+def _protocol(settings: EvalSettings) -> dict[str, Any]:
+    """What must not change between an evaluation and its resumption."""
+    return {
+        "task": settings.task,
+        "model": str(Path(settings.model).resolve()),
+        "data": str(Path(settings.data).resolve()),
+        "split": settings.split,
+        "dataset": settings.dataset if settings.task == "refcoco" else None,
+        "spatial_cot": settings.spatial_cot,
+        "constrained_decoding": settings.constrain,
+    }
 
 
 def _finish(settings: EvalSettings, samples: list[Sample], out: Path) -> dict[str, Any]:
     """Merge rank parts into ``predictions.jsonl`` (sample order), score, write ``metrics.json`` (and exports)."""
-    lines = {
-        r["id"]: r
-        for path in [out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")]
-        for r in _read_lines(path)
-    }
+    paths = [out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")]
+    lines = {r["id"]: r for path in paths for r in _read_lines(path)}
     ordered = [lines[s.sample_id] for s in samples if s.sample_id in lines]
+    current = {s.sample_id for s in samples}
+    others = [r for key, r in lines.items() if key not in current]  # e.g. past --limit: kept, not scored
     tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered + others))
     tmp.replace(out / "predictions.jsonl")
     for part in out.glob("predictions.rank*.jsonl"):
         part.unlink()
     missing = len(samples) - len(ordered)
     if missing:
-        raise RuntimeError(f"{missing} samples have no prediction; run again with --resume")
-    metrics = summarize(settings.task, ordered, samples if settings.limit is None else None)
+        raise IncompleteEvaluationError(f"{missing} samples have no prediction; run again with --resume")
+    metrics = summarize(settings.task, ordered, samples)
     record = {
         "metrics": metrics,
         "protocol": {

@@ -50,8 +50,21 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     """Full (unsharded, CPU) trainable weights and optimiser state, keyed by parameter name. Collective under
     FSDP: every rank must call it."""
     weights = get_model_state_dict(model, options=_GATHER)
+    trainable = _trainable_names(model)
+    if weights:  # empty on the non-main ranks under FSDP's CPU offload
+        weights = {name: value for name, value in weights.items() if name in trainable}
     optim = get_optimizer_state_dict(model, optimizer, options=_GATHER)
     return weights, optim
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    """Names (as the state-dict functions spell them) of every parameter that trains, under any of its aliases:
+    a frozen matrix shared under a second name (a tied LM head) is left out."""
+    return {
+        name.removeprefix("module.")
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad
+    }
 
 
 def save_checkpoint(out_dir: Path, step: int, weights: dict, optim: dict, state: dict[str, Any], *, keep: int) -> Path:
@@ -64,9 +77,12 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict, optim: dict, state:
     tmp.mkdir(parents=True)
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # tied weights (an LM head tied to the embeddings) are stored once
-    owners: dict[tuple[int, tuple[int, ...]], str] = {}
+    owners: dict[tuple, str] = {}
     for name, value in weights.items():
-        key = (value.untyped_storage().data_ptr(), tuple(value.shape))
+        if value.numel() == 0:
+            unique[name] = value.detach().contiguous()
+            continue
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
         if key in owners:
             aliases[name] = owners[key]
         else:
@@ -98,6 +114,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     for alias, owner in json.loads((folder / "aliases.json").read_text()).items():
         weights[alias] = weights[owner]
     expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
+    expected &= _trainable_names(model)
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -66,6 +67,21 @@ _RESUMABLE_CHANGES = (
     "run.device",
     "run.threads",
     "eval",
+    "optim.lr",  # the usual fixes after a non-finite loss: they change the trajectory from the checkpoint on
+    "optim.warmup_ratio",
+    "optim.grad_clip",
+)
+
+#: What a run writes into its folder (a fresh run refuses to mix with an earlier one's).
+_RUN_OUTPUTS = (
+    "checkpoints",
+    "model",
+    "tensorboard",
+    "train_log.jsonl",
+    "eval_log.jsonl",
+    "training.json",
+    "bad_items.json",
+    "trainable.txt",
 )
 
 
@@ -106,7 +122,8 @@ def _setup_distributed(requested: str | None) -> _Dist:
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            # gloo next to NCCL: the logged sums and the replica check are CPU tensors
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
@@ -170,6 +187,19 @@ def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path
         )
 
 
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL log (a last line cut short by a kill is dropped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy per sample (every target token), for the per-task losses of the log."""
     targets = labels[:, 1:]
@@ -198,13 +228,19 @@ def _writer(out_dir: Path) -> Any:
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, progress: bool = True, cache_dir: Path | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train as ``config`` says and save the final model to ``run.out_dir/model``.
 
     Args:
         config: the recipe.
         resume: continue from the newest checkpoint in ``run.out_dir`` (an error if there is none).
+        overwrite: delete an earlier run's outputs in ``run.out_dir`` (without it, a fresh run refuses them).
         progress: progress bars (on the main process).
         cache_dir: where network-teacher depth maps are cached.
 
@@ -219,10 +255,16 @@ def train(
     show = progress and ctx.main
     if resume and latest_checkpoint(out_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
-    if not resume and latest_checkpoint(out_dir) is not None:
-        raise FileExistsError(
-            f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another run.out_dir"
-        )
+    earlier = [name for name in _RUN_OUTPUTS if (out_dir / name).exists()]
+    if not resume and earlier and ctx.main:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, --overwrite "
+                "to replace it, or choose another run.out_dir"
+            )
+        for name in earlier:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if run.distributed == "fsdp" and "lora" in (config.trainable.default, *config.trainable.rules.values()):
         raise ValueError("run.distributed=fsdp is for full fine-tuning; LoRA runs fit with ddp (the default)")
 
@@ -287,14 +329,10 @@ def train(
         start = int(state["step"])
         if ctx.main:
             for path in (log_path, eval_path):  # lines past the checkpoint will be written again
+                kept = [line for line in _json_lines(path) if line["step"] <= start]
                 if path.is_file():
-                    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
-                    path.write_text("".join(line + "\n" for line in kept))
+                    path.write_text("".join(json.dumps(line) + "\n" for line in kept))
             logger.info("resumed from %s (step %d)", checkpoint, start)
-
-    elif ctx.main:  # a fresh run: logs of an earlier attempt that never checkpointed are stale
-        for path in (log_path, eval_path):
-            path.unlink(missing_ok=True)
 
     writer = _writer(out_dir) if ctx.main else None
     bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="train", disable=not show)
@@ -376,7 +414,7 @@ def train(
                 "samples_per_s": rate,
                 "terms": {k: float(np.mean(window[k])) for k in DEFAULT_LOSS_WEIGHTS},
                 "grad_norm": float(np.mean(window["grad_norm"])) if window["grad_norm"] else None,
-                "task_text_loss": {k: float(np.mean(v)) for k, v in sorted(task_window.items())},
+                "task_text_loss": _task_means(task_window, ctx),
                 "mixture": {k: round(v, 4) for k, v in mixture.weights_at(step).items()},
                 "drawn": dict(sorted(drawn.items())),
                 "seconds": time.perf_counter() - began,
@@ -427,6 +465,20 @@ def train(
     if ctx.active:
         dist.barrier()
     return TrainResult(out_dir, model_dir, run.steps, start, last_log, last_eval)
+
+
+def _task_means(window: dict[str, list[float]], ctx: _Dist) -> dict[str, float]:
+    """Mean per-sample token loss per task, over every process's samples."""
+    sums = {task: (sum(values), len(values)) for task, values in window.items()}
+    if ctx.active:
+        gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(ctx.world)]
+        dist.all_gather_object(gathered, sums)
+        sums = {}
+        for part in gathered:
+            for task, (total, count) in part.items():
+                old = sums.get(task, (0.0, 0))
+                sums[task] = (old[0] + total, old[1] + count)
+    return {task: total / count for task, (total, count) in sorted(sums.items()) if count}
 
 
 def _replica_divergence(engine: nn.Module) -> float:
