@@ -197,6 +197,22 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         trained = DepthTokenizer.from_pretrained(directory, expected=self.config.depth_tokenizer)
         self.depth_tokenizer.load_state_dict(trained.state_dict())
 
+    def load_segmenter(self, directory: str | Path) -> None:
+        """Load pretrained SAM2 weights (a ``Sam2Model.save_pretrained`` folder, safetensors) into the segmenter;
+        the checkpoint's architecture must equal the model's."""
+        pretrained = Sam2Model.from_pretrained(directory, use_safetensors=True)
+        mine, theirs = self.segmenter.state_dict(), pretrained.state_dict()
+        wrong = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
+        if wrong or set(theirs) - set(mine):
+            raise ValueError(
+                f"{directory}: the SAM2 checkpoint's architecture differs from the model's segmenter "
+                f"(first mismatches: {(wrong or sorted(set(theirs) - set(mine)))[:4]}); pretrain it with the "
+                "model's segmenter config"
+            )
+        self.segmenter.load_state_dict(theirs)
+        self.segmenter.mask_decoder.dynamic_multimask_via_stability = False
+        self.freeze_frozen_parts()
+
     # ------------------------------------------------------------------------------------------- segmentation
 
     def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,9 @@ class ModelConfig:
     """A local SAM2 checkpoint in transformers format."""
     depth_tokenizer: Path | None = None
     """A trained depth tokenizer (``perceptio tokenizer train``); its codes are the depth-span targets."""
+    segmenter_weights: Path | None = None
+    """A pretrained SAM2 (``save_pretrained`` folder, e.g. from :func:`perceptio.train.segmenter.pretrain_segmenter`)
+    whose weights replace a preset's random segmenter; its architecture must equal the preset's."""
     init: Path | None = None
     """A saved Perceptio model to start from (a previous run's ``model/`` folder); replaces preset/vlm/segmenter."""
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -142,6 +142,8 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
         model, processor = from_components(config.vlm, config.segmenter, config.depth_tokenizer, dtype=dtype)
     if config.depth_tokenizer is not None and config.vlm is None:
         model.load_depth_tokenizer(config.depth_tokenizer)
+    if config.segmenter_weights is not None:
+        model.load_segmenter(config.segmenter_weights)
     unknown = sorted(set(config.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
     if unknown:
         raise ValueError(f"model.loss_weights: unknown term(s) {unknown}; the terms are {sorted(DEFAULT_LOSS_WEIGHTS)}")
