@@ -38,6 +38,7 @@ def _settings(task: str, model_dir: Path, data: Path, out: Path, **kw: object) -
         ("hardblink", "hardblink/val", {}),
         ("mmbench", "mmbench/val.tsv", {"limit": 8}),
         ("depth", ".", {"split": "val", "limit": 3}),
+        ("vqa", "vqa/val.json", {"limit": 5}),
     ],
 )
 def test_every_task_runs_and_writes_its_files(
@@ -60,6 +61,8 @@ def test_every_task_runs_and_writes_its_files(
     if task == "mmbench":
         assert (tmp_path / "vlmevalkit.tsv").read_text().splitlines()[0].endswith("prediction")
         assert "circular" in metrics and "vanilla" in metrics
+    if task == "vqa":
+        assert 0 <= metrics["accuracy"] <= 1 and all("correct" in line["score"] for line in lines)
     if task == "depth":
         assert metrics["decoded_rate"] == 1.0 and metrics["abs_rel"] >= 0  # the depth task requires a span
 

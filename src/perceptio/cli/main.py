@@ -490,7 +490,7 @@ def predict(
 
 @app.command("eval")
 def evaluate(
-    task: Annotated[str, typer.Argument(help="refcoco, hardblink, blink, mmbench or depth.")],
+    task: Annotated[str, typer.Argument(help="refcoco, hardblink, blink, mmbench, depth or vqa.")],
     model: Annotated[Path, typer.Option(help="A model folder (perceptio train's model/).")],
     data: Annotated[Path, typer.Option(help="The benchmark data (see docs/evaluation.md for each task).")],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl, metrics.json.")],

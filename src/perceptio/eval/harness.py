@@ -10,6 +10,7 @@ Tasks and what they score (docs/data_and_eval.md section 7):
   read off the decoded depth map at the markers.
 * ``mmbench``: CircularEval and single-pass accuracy, overall and per category; ``vlmevalkit.tsv`` exports the
   predictions in the layout VLMEvalKit reads.
+* ``vqa``: exact match of the normalised short answer (conversation JSON, first turn).
 * ``depth``: AbsRel, RMSE and delta < 1.25 of the decoded depth span against the ground-truth map, both in the
   tokenizer's normalised convention at its input size.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,14 @@ from tqdm.auto import tqdm
 
 from perceptio.config import write_run_record
 from perceptio.data.errors import DataError
-from perceptio.data.readers import read_blink, read_depth_folder, read_hardblink, read_mmbench, read_refer
+from perceptio.data.readers import (
+    read_blink,
+    read_conversations,
+    read_depth_folder,
+    read_hardblink,
+    read_mmbench,
+    read_refer,
+)
 from perceptio.data.schema import Sample
 from perceptio.data.templates import render_sample
 from perceptio.eval.extract import parse_answer
@@ -50,7 +59,7 @@ __all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("refcoco", "hardblink", "blink", "mmbench", "depth")
+TASKS = ("refcoco", "hardblink", "blink", "mmbench", "depth", "vqa")
 SEGMENT_PROMPT = "Please segment {expr} in this image."  # the LISA / Sa2VA evaluation prompt (spec.md A.12)
 DEPTH_PROMPT = "What is the depth map for the image?"
 
@@ -116,6 +125,10 @@ def load_task_samples(settings: EvalSettings) -> list[Sample]:
             raise DataError(
                 f"{len(hidden)} rows have no gold answer", path=data, fix="use a dev split (test answers are hidden)"
             )
+    elif task == "vqa":
+        samples = [
+            s for s in read_conversations(data, image_root=settings.image_root, split=settings.split) if s.answer
+        ]
     else:
         if (data / "manifest.json").is_file():  # a synthetic world
             samples = read_depth_folder(data / "depth" / (settings.split or "val"), image_dir=data / "images")
@@ -132,10 +145,18 @@ def _prompt(task: str, sample: Sample, model: PerceptioForConditionalGeneration)
         return SEGMENT_PROMPT.format(expr=sample.query)
     if task == "depth":
         return DEPTH_PROMPT
+    if task == "vqa":
+        return sample.query.replace("<image>", "").strip()
     if task == "mmbench":
         rng = np.random.default_rng(0)
         return render_sample(sample, model.config.vocab, rng, depth_cot=False).query
     return sample.query
+
+
+def normalize_answer(text: str) -> str:
+    """Short-answer matching: lower case, punctuation and articles removed, spaces collapsed."""
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 def _programmatic(sample: Sample, prediction: Prediction) -> str | None:
@@ -188,6 +209,11 @@ def _score(
                 programmatic_correct=None if programmatic is None else programmatic == sample.answer,
             )
         return out
+    if task == "vqa":
+        return {
+            "gold": sample.answer,
+            "correct": normalize_answer(prediction.answer) == normalize_answer(sample.answer),
+        }
     if truth is None:
         return {"decoded": decoded is not None}
     if decoded is None:  # no span: scored as a flat map, so failures count against the model
@@ -226,6 +252,8 @@ def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | 
         mm = [MMBenchRecord(s["index"], s["gold"], s["letter"], s["category"], s["l2_category"]) for s in scores]
         expected = [int(x.meta["index"]) for x in samples] if samples is not None else None
         result = score_mmbench(mm, expected_indices=expected)
+    elif task == "vqa":
+        result = {"accuracy": float(np.mean([s["correct"] for s in scores])) if scores else None}
     else:
         decoded = [s for s in scores if s["decoded"]]
         scored = [s for s in scores if "abs_rel" in s]
