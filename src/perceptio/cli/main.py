@@ -37,6 +37,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _end_distributed() -> None:
+    """Leave a torchrun process through barrier, destroy, flush and ``os._exit(0)``: gloo can otherwise abort at
+    interpreter exit (stack.md section 5)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
@@ -412,14 +427,8 @@ def train(
             f"saved the model to {result.model_dir} after {result.steps} steps "
             f"(loss {final.get('loss', float('nan')):.4f}); logs in {result.out_dir}"
         )
-    if distributed:  # gloo can abort at interpreter exit (stack.md section 5): leave through this ending
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if distributed:
+        _end_distributed()
 
 
 @app.command()
@@ -538,13 +547,8 @@ def evaluate(
     if metrics:
         _print_table([("metric", "value")] + [(k, _format_metric(v)) for k, v in _flat_metrics(metrics).items()])
         typer.echo(f"predictions and metrics in {out}")
-    if distributed:  # the gloo exit abort of stack.md section 5
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    if distributed:
+        _end_distributed()
 
 
 def _flat_metrics(payload: dict, prefix: str = "") -> dict[str, object]:

@@ -7,6 +7,7 @@ MMBench CircularEval and vanilla accuracy); letter extraction follows 7.3. Nothi
 from perceptio.eval.extract import (
     LetterAnswer,
     extract_letter,
+    normalize_answer,
     parse_answer,
     strip_perception_tokens,
     vlmevalkit_letter,
@@ -32,6 +33,7 @@ __all__ = [
     "RelativeDepthMeter",
     "SegmentationMeter",
     "extract_letter",
+    "normalize_answer",
     "parse_answer",
     "score_mmbench",
     "strip_perception_tokens",

@@ -48,6 +48,12 @@ _STRIP_RES = (
 )
 
 
+def normalize_answer(text: str) -> str:
+    """Short-answer matching (VQA): lower case, punctuation and the articles a/an/the removed, spaces collapsed."""
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
 def strip_perception_tokens(text: str) -> str:
     """``text`` with depth spans, stray depth tokens, segmentation tokens and ``<p>...</p>`` phrases each replaced
     by one space (so that the text on either side never fuses into one word).

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,14 @@ from perceptio.data.readers import (
 )
 from perceptio.data.schema import Sample
 from perceptio.data.templates import render_sample
-from perceptio.eval.extract import parse_answer
+from perceptio.eval.extract import normalize_answer, parse_answer
 from perceptio.eval.metrics import MMBenchRecord, RelativeDepthMeter, SegmentationMeter, score_mmbench
 from perceptio.models.build import load_model
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, Prediction
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.evaluate import depth_metrics
 from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
+from perceptio.utils.jsonl import read_jsonl
 
 __all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"]
 
@@ -151,12 +151,6 @@ def _prompt(task: str, sample: Sample, model: PerceptioForConditionalGeneration)
         rng = np.random.default_rng(0)
         return render_sample(sample, model.config.vocab, rng, depth_cot=False).query
     return sample.query
-
-
-def normalize_answer(text: str) -> str:
-    """Short-answer matching: lower case, punctuation and articles removed, spaces collapsed."""
-    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 def _programmatic(sample: Sample, prediction: Prediction) -> str | None:
@@ -270,20 +264,6 @@ def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | 
     return {"task": task, "count": len(records), "well_formed_rate": well_formed, **result}
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: that sample is simply predicted again
-            logger.warning("%s:%d is incomplete; its sample will be predicted again", path, number)
-    return lines
-
-
 def _depth_reference(model: PerceptioForConditionalGeneration, samples: list[Sample]) -> dict[str, np.ndarray]:
     size = model.config.depth_tokenizer.input_size
     maps, kept = teacher_maps(samples, GroundTruthTeacher(), size=size, progress=False)
@@ -347,10 +327,10 @@ def run_eval(
     if world > 1:
         dist.barrier()  # stale files are gone before any rank reads or appends
     if settings.resume and part_path.is_file():  # drop a line cut short by a kill before appending
-        part_path.write_text("".join(json.dumps(r) + "\n" for r in _read_lines(part_path)))
+        part_path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(part_path)))
     if world > 1:
         dist.barrier()
-    done = {r["id"] for path in [final_path, *out.glob("predictions.rank*.jsonl")] for r in _read_lines(path)}
+    done = {r["id"] for path in [final_path, *out.glob("predictions.rank*.jsonl")] for r in read_jsonl(path)}
     mine = [s for k, s in enumerate(samples) if k % world == rank and s.sample_id not in done]
     reference = _depth_reference(loaded, mine) if settings.task == "depth" and mine else None
     require_span = settings.task == "depth" and settings.spatial_cot
@@ -413,7 +393,7 @@ def _protocol(settings: EvalSettings) -> dict[str, Any]:
 def _finish(settings: EvalSettings, samples: list[Sample], out: Path) -> dict[str, Any]:
     """Merge rank parts into ``predictions.jsonl`` (sample order), score, write ``metrics.json`` (and exports)."""
     paths = [out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")]
-    lines = {r["id"]: r for path in paths for r in _read_lines(path)}
+    lines = {r["id"]: r for path in paths for r in read_jsonl(path)}
     ordered = [lines[s.sample_id] for s in samples if s.sample_id in lines]
     current = {s.sample_id for s in samples}
     others = [r for key, r in lines.items() if key not in current]  # e.g. past --limit: kept, not scored

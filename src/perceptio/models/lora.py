@@ -14,10 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 
-__all__ = ["LoraSettings", "apply_lora", "merge_lora"]
+__all__ = ["LoraSettings", "apply_lora", "merge_lora", "plain_name"]
 
 _PEFT_PREFIXES = ("base_model.model.",)
-_PEFT_INFIXES = (".modules_to_save.default", ".original_module")
+_PEFT_INFIXES = (".modules_to_save.default", ".original_module", ".token_adapter", ".base_layer")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class LoraSettings:
             raise ValueError(f"LoRA needs r >= 1, alpha >= 1 and 0 <= dropout < 1, got {self}")
 
 
-def _plain_name(name: str) -> str:
+def plain_name(name: str) -> str:
+    """A parameter name without peft's wrapping (``base_model.model.`` prefix, adapter infixes)."""
     for prefix in _PEFT_PREFIXES:
         name = name.removeprefix(prefix)
     for infix in _PEFT_INFIXES:
@@ -65,7 +66,7 @@ def apply_lora(model: PerceptioForConditionalGeneration, settings: LoraSettings 
     )
     wrapped = get_peft_model(model, config)
     for name, param in wrapped.named_parameters():  # peft's trainable copies must not revive frozen parts
-        plain = _plain_name(name)
+        plain = plain_name(name)
         if any(plain == f or plain.startswith(f + ".") for f in frozen):
             param.requires_grad_(False)
     return wrapped

@@ -53,6 +53,7 @@ from perceptio.train.data import TrainingData, collate
 from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_cosine
 from perceptio.train.policy import apply_policy
 from perceptio.train.quick_eval import quick_eval
+from perceptio.utils.jsonl import read_jsonl
 
 __all__ = ["NonFiniteLossError", "TrainResult", "build_model", "train"]
 
@@ -189,19 +190,6 @@ def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path
         )
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a JSONL log (a last line cut short by a kill is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy per sample (every target token), for the per-task losses of the log."""
     targets = labels[:, 1:]
@@ -331,7 +319,7 @@ def train(
         start = int(state["step"])
         if ctx.main:
             for path in (log_path, eval_path):  # lines past the checkpoint will be written again
-                kept = [line for line in _json_lines(path) if line["step"] <= start]
+                kept = [line for line in read_jsonl(path) if line["step"] <= start]
                 if path.is_file():
                     path.write_text("".join(json.dumps(line) + "\n" for line in kept))
             logger.info("resumed from %s (step %d)", checkpoint, start)

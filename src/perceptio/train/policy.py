@@ -16,21 +16,11 @@ from dataclasses import dataclass
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from perceptio.models.lora import plain_name
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.train.config import TrainableConfig
 
 __all__ = ["TrainablePlan", "apply_policy", "plan_policy", "plain_name"]
-
-_PEFT_PREFIX = "base_model.model."
-_PEFT_INFIXES = (".modules_to_save.default", ".original_module", ".token_adapter", ".base_layer")
-
-
-def plain_name(name: str) -> str:
-    """A parameter name without peft's wrapping (``base_model.model.`` prefix, adapter infixes)."""
-    name = name.removeprefix(_PEFT_PREFIX)
-    for infix in _PEFT_INFIXES:
-        name = name.replace(infix, "")
-    return name
 
 
 @dataclass

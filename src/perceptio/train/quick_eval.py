@@ -10,7 +10,6 @@ It reports what tells a run is working, not benchmark numbers (``perceptio eval`
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import numpy as np
@@ -18,16 +17,12 @@ import torch
 
 from perceptio.data.schema import Task
 from perceptio.data.templates import render_sample
-from perceptio.eval.extract import extract_letter
+from perceptio.eval.extract import extract_letter, normalize_answer
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.train.data import TrainingData, needs_depth_span
 
 __all__ = ["quick_eval"]
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
 
 @torch.no_grad()
@@ -69,7 +64,9 @@ def quick_eval(
                 letter = extract_letter(prediction.answer, len(sample.letters))
                 counts["answer_acc"].append(float(letter == sample.answer))
             elif sample.task is Task.VQA and sample.answer is not None:
-                counts["answer_acc"].append(float(_normalise(prediction.answer) == _normalise(sample.answer)))
+                counts["answer_acc"].append(
+                    float(normalize_answer(prediction.answer) == normalize_answer(sample.answer))
+                )
         for metric, values in counts.items():
             out[f"{name}/{metric}"] = float(np.mean(values))
         if any(s.task is Task.REFERRING_SEGMENTATION for s in chosen):
