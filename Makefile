@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/depth_tokenizer.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/evaluation.py
+	$(BIN)/python bench/training.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
