@@ -59,7 +59,7 @@ def test_token_id_checks_catch_a_different_tokenizer() -> None:
     shifted = PRESETS["tiny"].text_tokenizer()
     shifted.add_tokens(["<extra>"], special_tokens=True)  # every perception id moves by one
     register_tokens(shifted, vocab)
-    with pytest.raises(TokenIdsMismatchError, match=r"seg 512 vs 513"):
+    with pytest.raises(TokenIdsMismatchError, match=rf"seg {ids.seg} vs {ids.seg + 1}"):
         ids.check(shifted, vocab)
     with pytest.raises(TokenIdsMismatchError, match="register_tokens"):
         ids.check(PRESETS["tiny"].text_tokenizer(), vocab)

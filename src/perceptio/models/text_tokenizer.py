@@ -45,10 +45,14 @@ def _corpus() -> list[str]:
             for shape in SHAPES:
                 obj = f"the {size} {color} {shape}"
                 lines += [s.format(obj=obj, noun=shape) for s in _SENTENCES]
+                # short answers open the assistant turn without a leading space: one token each, as in real
+                # tokenizers' vocabularies, instead of a spelling in fragments ("b", "lu", "e")
+                lines += [color, shape, size, f"{shape}s", "left", "right", "yes", "no"]
+                lines.append(f"the {size} object, the {color} object, the {size} {color} object; {color} objects")
     return lines
 
 
-def build_tiny_text_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_text_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with InternVL's image tokens and the Qwen2 chat markers (no perception tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
