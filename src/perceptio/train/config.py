@@ -57,6 +57,9 @@ class ModelConfig:
     """Weights' dtype when loading checkpoints (training keeps fp32 master weights unless bfloat16 is asked for)."""
     loss_weights: dict[str, float] = field(default_factory=dict)
     """Overrides of the named loss terms' weights (``text``, ``depth_token``, ... ; see the model docs)."""
+    seg_multimask: bool | None = None
+    """Read SAM2's three candidate masks (true) or its single-mask output (false); null keeps the model's setting.
+    A segmenter pretrained on the single-mask output only (``perceptio segmenter pretrain``) wants false."""
     seed: int = 0
     """Seed of the random initialisation."""
 

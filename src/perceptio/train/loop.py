@@ -149,6 +149,8 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
     if unknown:
         raise ValueError(f"model.loss_weights: unknown term(s) {unknown}; the terms are {sorted(DEFAULT_LOSS_WEIGHTS)}")
     model.config.loss_weights = {**model.config.loss_weights, **config.loss_weights}
+    if config.seg_multimask is not None:  # the trainable policy reads the frozen parts from the config
+        model.config.seg_multimask = config.seg_multimask
     return model, processor
 
 
