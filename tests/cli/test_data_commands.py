@@ -1,4 +1,4 @@
-"""`perceptio data synth/show/check` and `perceptio quickstart`, called as a user would."""
+"""`perceptio data synth/show/check`, called as a user would."""
 
 from __future__ import annotations
 
@@ -96,14 +96,3 @@ def test_check_rejects_an_unknown_format_and_options_the_format_does_not_take(wo
     ]
     result = runner.invoke(app, depth)
     assert result.exit_code == 0, result.output
-
-
-def test_quickstart_runs_and_reuses_the_world(tmp_path: Path) -> None:
-    out = tmp_path / "qs"
-    first = runner.invoke(app, ["quickstart", "--out", str(out), "--num-images", "12"])
-    assert first.exit_code == 0, first.output
-    assert (out / "world_contact_sheet.png").is_file() and "rendering 12 images" in first.output
-    stamp = (out / "world" / "manifest.json").stat().st_mtime_ns
-    second = runner.invoke(app, ["quickstart", "--out", str(out), "--num-images", "12"])
-    assert second.exit_code == 0, second.output
-    assert "reusing" in second.output and (out / "world" / "manifest.json").stat().st_mtime_ns == stamp

@@ -567,38 +567,110 @@ def _format_metric(value: object) -> str:
 
 @app.command()
 def quickstart(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides of the training recipe, e.g. run.steps=300.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
-    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 1000,
+    recipe: Annotated[Path, typer.Option(help="Training recipe.")] = Path("configs/tiny_synth.yaml"),
+    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 4000,
     seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
+    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
+    eval_limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N samples of each task.")
+    ] = None,
+    gallery: Annotated[int, typer.Option(min=0, help="Val images in the report's gallery.")] = 4,
 ) -> None:
-    """The main job, end to end. For now: generate the synthetic world and draw a contact sheet of it.
+    """The main job, end to end: render the synthetic world, pretrain the tiny SAM2 and depth tokenizer, train the
+    tiny Perceptio model, evaluate it on the val split, predict a few images and write a report.
 
-    Finished steps are reused: a second run with the same options skips the world generation.
+    Finished stages are reused: a second run only redoes what changed (and what follows it).
     """
-    from perceptio.data.synthetic import WorldConfig, generate_world
-    from perceptio.data.synthetic.show import contact_sheet
-    from perceptio.data.synthetic.world import WorldSummary
+    from perceptio.config import ConfigError
+    from perceptio.data.errors import DataError
+    from perceptio.eval.harness import IncompleteEvaluationError
+    from perceptio.quickstart import QuickstartConfig, run_quickstart
 
-    world = out / "world"
-    manifest = world / "manifest.json"
-    if (
-        manifest.is_file()
-        and json.loads(manifest.read_text()).get("num_images") == num_images
-        and json.loads(manifest.read_text()).get("seed") == seed
-    ):
-        typer.echo(f"[1/2] synthetic world: reusing {world}")
-        counts = json.loads(manifest.read_text())["counts"]
-        from collections import Counter
+    if not recipe.is_file():
+        _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
+    try:
+        config = QuickstartConfig(
+            out=out,
+            recipe=recipe,
+            overrides=tuple(overrides or ()),
+            num_images=num_images,
+            world_seed=seed,
+            tokenizer_steps=tokenizer_steps,
+            segmenter_steps=segmenter_steps,
+            eval_limit=eval_limit,
+            gallery=gallery,
+        )
+        report = run_quickstart(config, echo=typer.echo)
+    except (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        FloatingPointError,
+        IncompleteEvaluationError,
+        ValueError,
+    ) as err:
+        _fail(str(err).strip('"'))
+    typer.echo(f"report: {report}")
 
-        summary = WorldSummary(out_dir=world, **{k: Counter(v) for k, v in counts.items()})
-    else:
-        typer.echo(f"[1/2] synthetic world: rendering {num_images} images into {world}")
-        summary = generate_world(world, num_images=num_images, seed=seed, config=WorldConfig(), overwrite=True)
-    print_world_summary(summary)
-    sheet_path = out / "world_contact_sheet.png"
-    typer.echo(f"[2/2] contact sheet of the val split -> {sheet_path}")
-    contact_sheet(world, n=16, split="val").save(sheet_path)
-    typer.echo(f"done. Look at {sheet_path}; the datasets are in {world}.")
+
+experiment_app = typer.Typer(help="Controlled experiments on the synthetic world.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("spatial-cot")
+def experiment_spatial_cot(
+    out: Annotated[Path, typer.Option(help="Experiment folder (reused and resumed when it exists).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value recipe overrides applied to every arm.")
+    ] = None,
+    budget_minutes: Annotated[
+        float, typer.Option(min=0.0, help="Training budget per arm: the steps the spatial arm makes in M minutes.")
+    ] = 10.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Steps per arm (instead of --budget-minutes).")] = None,
+    preset: Annotated[str, typer.Option(help="Model preset: tiny or smol.")] = "tiny",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm (0..N-1).")] = 1,
+    recipe: Annotated[Path, typer.Option(help="Training recipe shared by the arms.")] = Path("configs/tiny_synth.yaml"),
+    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 4000,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="Samples per task and split evaluated.")] = 300,
+    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
+    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Processes at once (default: the number of cores).")] = None,
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms to run: spatial, direct, no_marker_count.")
+    ] = "spatial,direct,no_marker_count",
+) -> None:
+    """Train and evaluate, on the same data and budget, Perceptio with spatial tokens before the answer, the same
+    model answering directly, and Perceptio without the marker and count losses; write results.md."""
+    from perceptio.experiments.spatial_cot import SpatialCotConfig, run_spatial_cot
+
+    if not recipe.is_file():
+        _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
+    try:
+        config = SpatialCotConfig(
+            out=out,
+            preset=preset,
+            recipe=recipe,
+            overrides=tuple(overrides or ()),
+            steps=steps,
+            budget_minutes=budget_minutes,
+            seeds=seeds,
+            num_images=num_images,
+            eval_limit=eval_limit,
+            tokenizer_steps=tokenizer_steps,
+            segmenter_steps=segmenter_steps,
+            arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
+            **({"jobs": jobs} if jobs else {}),
+        )
+        run_spatial_cot(config, echo=typer.echo)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"results in {out / 'results.md'} and {out / 'results.json'}")
 
 
 def main() -> None:

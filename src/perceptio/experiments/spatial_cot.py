@@ -1,0 +1,415 @@
+"""The spatial chain-of-thought experiment: does writing spatial tokens before the answer help?
+
+``perceptio experiment spatial-cot --out DIR`` trains three arms on the same data, with the same optimiser steps,
+batch and seeds, and evaluates them the same way:
+
+* ``spatial``: Perceptio, segmentation token and depth span before the answer (the recipe as it is);
+* ``direct``: the same model answering directly, with no depth span before the answer (``data.depth_cot=false``;
+  Sa2VA / plain-VLM style; the segmentation token stays, since masks come from it, and the depth-generation task
+  stays in the mixture so both arms see the same images and depth supervision);
+* ``no_marker_count``: Perceptio without the depth marker and count losses (their weights set to 0).
+
+The budget: ``--steps`` optimiser steps per arm, or, with ``--budget-minutes M``, the steps the ``spatial`` arm
+(the slowest: the longest sequences) makes in M minutes on one thread, measured by a short probe run. Every arm
+then trains that many steps, so the direct arm spends less compute, never more. Arms run as parallel one-thread
+processes, as many at once as there are cores; evaluation (greedy, *unconstrained* decoding, so malformed spans
+show) runs the same way. Each stage is reused when a run is repeated, so an interrupted experiment resumes.
+Results: ``results.json`` and ``results.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perceptio.quickstart import QuickstartConfig, run_quickstart
+
+__all__ = ["ARMS", "Arm", "SpatialCotConfig", "run_spatial_cot"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+    spatial: bool = True
+    """Whether the arm may write spatial tokens at evaluation (False bans them: direct answering)."""
+
+
+ARMS = (
+    Arm("spatial", "spatial tokens before the answer (Perceptio)", ()),
+    Arm("direct", "direct answer, no spatial tokens before it", ("data.depth_cot=false",), spatial=False),
+    Arm(
+        "no_marker_count",
+        "spatial tokens, without the marker and count losses",
+        ("model.loss_weights.depth_marker=0", "model.loss_weights.depth_count=0"),
+    ),
+)
+
+#: (task, data path inside the world, splits) evaluated for every arm.
+EVALS = (
+    ("refcoco", ".", ("val", "test")),
+    ("hardblink", "hardblink/{split}", ("val", "test")),
+    ("vqa", "vqa/{split}.json", ("val", "test")),
+)
+
+
+@dataclass(frozen=True)
+class SpatialCotConfig:
+    out: Path
+    preset: str = "tiny"
+    recipe: Path = Path("configs/tiny_synth.yaml")
+    overrides: tuple[str, ...] = ()
+    """``key=value`` recipe overrides applied to every arm."""
+    steps: int | None = None
+    budget_minutes: float = 10.0
+    seeds: int = 1
+    num_images: int = 4000
+    tokenizer_steps: int = 1500
+    segmenter_steps: int = 1500
+    eval_limit: int | None = 300
+    """Samples per (task, split) evaluated (None: all)."""
+    jobs: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    """Processes at once (one thread each)."""
+    arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        known = {arm.name for arm in ARMS}
+        if unknown := sorted(set(self.arms) - known):
+            raise ValueError(f"unknown arm(s) {unknown}; the arms are {sorted(known)}")
+        if self.seeds < 1 or self.jobs < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError("seeds, jobs and steps must be at least 1")
+        if self.steps is None and not self.budget_minutes > 0:
+            raise ValueError("give --steps or a positive --budget-minutes")
+        if self.preset not in ("tiny", "smol"):
+            raise ValueError(f"preset must be tiny or smol, got {self.preset!r}")
+
+
+@dataclass
+class _Job:
+    name: str
+    command: list[str]
+    log: Path
+    done: Callable[[], bool]
+    progress: Callable[[], str] = lambda: ""
+
+
+def _run_jobs(jobs: list[_Job], parallel: int, echo: Callable[[str], None]) -> None:
+    """Run the unfinished jobs, ``parallel`` at a time, one thread each; report progress every 30 s."""
+    pending = [job for job in jobs if not job.done()]
+    for job in jobs:
+        if job not in pending:
+            echo(f"  {job.name}: finished earlier, reusing")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    running: list[tuple[_Job, subprocess.Popen, Any]] = []
+    failed: list[str] = []
+    last_report = time.monotonic()
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            handle = job.log.open("w")
+            echo(f"  {job.name}: started (log {job.log})")
+            running.append(
+                (job, subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
+            )
+        time.sleep(2)
+        for item in list(running):
+            job, process, handle = item
+            if process.poll() is None:
+                continue
+            handle.close()
+            running.remove(item)
+            if process.returncode != 0 or not job.done():
+                failed.append(job.name)
+                echo(f"  {job.name}: FAILED (exit {process.returncode}); see {job.log}")
+            else:
+                echo(f"  {job.name}: done")
+        if running and time.monotonic() - last_report > 30:
+            last_report = time.monotonic()
+            echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _, _ in running))
+    if failed:
+        raise RuntimeError(f"{len(failed)} job(s) failed: {', '.join(failed)}; their logs name the cause")
+
+
+def _last_step(run_dir: Path) -> int:
+    from perceptio.utils.jsonl import read_jsonl
+
+    logs = read_jsonl(run_dir / "train_log.jsonl") if (run_dir / "train_log.jsonl").is_file() else []
+    return int(logs[-1]["step"]) if logs else 0
+
+
+def _train_command(config: SpatialCotConfig, overrides: list[str], out_dir: Path) -> list[str]:
+    resume = ["--resume"] if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()) else []
+    overwrite = [] if resume else ["--overwrite"]
+    return [sys.executable, "-m", "perceptio", "train", "-c", str(config.recipe), *overrides, *resume, *overwrite]
+
+
+def _base_overrides(config: SpatialCotConfig, qs: QuickstartConfig) -> list[str]:
+    out = Path(qs.out)
+    preset = [f"model.preset={config.preset}"]
+    return [
+        *preset,
+        f"data.root={out / 'world'}",
+        f"model.depth_tokenizer={out / 'tokenizer'}",
+        f"model.segmenter_weights={out / 'segmenter'}",
+        "run.threads=1",
+        "eval.every=0",
+        *config.overrides,
+    ]
+
+
+def _probe_steps(config: SpatialCotConfig, base: list[str], echo: Callable[[str], None]) -> tuple[int, float]:
+    """Steps of the spatial arm in ``budget_minutes`` on one thread, from a short timed run."""
+    probe = Path(config.out) / "probe"
+    record = probe / "probe.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        return int(saved["steps_per_budget"]), float(saved["steps_per_s"])
+    steps = 40
+    command = _train_command(
+        config,
+        [*base, f"run.out_dir={probe}", f"run.steps={steps}", "run.log_every=10", "run.checkpoint_every=0"],
+        probe,
+    )
+    _run_jobs([_Job("probe", command, probe / "train.log", lambda: (probe / "model").is_dir())], 1, echo)
+    from perceptio.utils.jsonl import read_jsonl
+
+    logs = read_jsonl(probe / "train_log.jsonl")
+    first, last = logs[0], logs[-1]  # the first window holds start-up costs: time from there on
+    rate = (last["step"] - first["step"]) / max(1e-6, last["seconds"] - first["seconds"])
+    budget_steps = max(1, int(rate * 60 * config.budget_minutes))
+    record.write_text(json.dumps({"steps_per_s": rate, "steps_per_budget": budget_steps}, indent=2) + "\n")
+    return budget_steps, rate
+
+
+def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the experiment; returns the results (also written to ``results.json`` / ``results.md``)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    qs = QuickstartConfig(
+        out=out,
+        recipe=config.recipe,
+        num_images=config.num_images,
+        tokenizer_steps=config.tokenizer_steps,
+        segmenter_steps=config.segmenter_steps,
+        progress=config.progress,
+    )
+    echo("[1/4] world, depth tokenizer and pretrained segmenter")
+    run_quickstart(qs, echo=lambda line: echo("  " + line), until="segmenter")
+    base = _base_overrides(config, qs)
+    if config.steps is not None:
+        steps, rate = config.steps, None
+    else:
+        echo(f"[2/4] measuring the spatial arm's speed for a {config.budget_minutes:g}-minute budget")
+        steps, rate = _probe_steps(config, base, echo)
+    echo(f"[2/4] every arm trains {steps} steps" + (f" (spatial arm: {rate:.2f} steps/s)" if rate else ""))
+    arms = [arm for arm in ARMS if arm.name in config.arms]
+    runs: dict[tuple[str, int], Path] = {}
+    jobs = []
+    for seed in range(config.seeds):
+        for arm in arms:
+            run_dir = out / "arms" / f"{arm.name}_seed{seed}"
+            runs[(arm.name, seed)] = run_dir
+            overrides = [
+                *base,
+                *arm.overrides,
+                f"run.out_dir={run_dir}",
+                f"run.steps={steps}",
+                f"run.seed={seed}",
+                f"model.seed={seed}",
+                f"run.checkpoint_every={max(50, steps // 4)}",
+            ]
+            jobs.append(
+                _Job(
+                    f"train {arm.name} seed {seed}",
+                    _train_command(config, overrides, run_dir),
+                    run_dir.parent / f"{run_dir.name}.train.log",
+                    done=lambda d=run_dir: (d / "model" / "config.json").is_file(),
+                    progress=lambda d=run_dir: f"step {_last_step(d)}/{steps}",
+                )
+            )
+    echo(f"[3/4] training {len(jobs)} run(s), {min(config.jobs, len(jobs))} at a time")
+    train_began = time.perf_counter()
+    _run_jobs(jobs, config.jobs, echo)
+    train_seconds = time.perf_counter() - train_began
+    echo("[4/4] evaluating (unconstrained greedy decoding)")
+    world = out / "world"
+    eval_jobs = []
+    for (arm_name, seed), run_dir in runs.items():
+        arm = next(a for a in ARMS if a.name == arm_name)
+        for task, data, splits in EVALS:
+            for split in splits:
+                target = run_dir / "eval" / f"{task}_{split}"
+                command = [
+                    sys.executable, "-m", "perceptio", "eval", task,
+                    "--model", str(run_dir / "model"),
+                    "--data", str(world / data.format(split=split)),
+                    "--out", str(target),
+                    "--split", split,
+                    "--no-constrain",
+                    "--spatial-cot" if arm.spatial else "--no-spatial-cot",
+                    "--resume",
+                    "--batch-size", "16",
+                ]  # fmt: skip
+                if task in ("refcoco", "vqa"):
+                    command += ["--image-root", str(world / "images")]
+                if config.eval_limit is not None:
+                    command += ["--limit", str(config.eval_limit)]
+                eval_jobs.append(
+                    _Job(
+                        f"eval {arm_name} seed {seed} {task} {split}",
+                        command,
+                        target.parent / f"{task}_{split}.log",
+                        done=lambda t=target: (t / "metrics.json").is_file(),
+                    )
+                )
+    _run_jobs(eval_jobs, config.jobs, echo)
+    results = _collect(config, runs, steps, rate, train_seconds, time.perf_counter() - began)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(results))
+    return results
+
+
+def _metrics(path: Path) -> dict[str, Any]:
+    return json.loads((path / "metrics.json").read_text())["metrics"]
+
+
+def _arm_scores(run_dir: Path, split: str) -> dict[str, float | None]:
+    ref = _metrics(run_dir / "eval" / f"refcoco_{split}")
+    blink = _metrics(run_dir / "eval" / f"hardblink_{split}")
+    vqa = _metrics(run_dir / "eval" / f"vqa_{split}")
+    by_points = blink["answer"]["by_point_count"]
+    scores: dict[str, float | None] = {
+        "ciou": ref.get("ciou"),
+        "giou": ref.get("giou"),
+        **{f"acc_{n}": by_points.get(str(n), {}).get("accuracy") for n in (2, 3, 4, 5)},
+        "acc_345": blink["answer"].get("hardblink_mean"),
+        "vqa": vqa.get("accuracy"),
+        "unparsed": blink.get("unparsed_rate"),
+        "malformed": None if blink["well_formed_rate"] is None else 1 - blink["well_formed_rate"],
+        # the closest marker read off the arm's own decoded span: what the span knows, whatever the answer says
+        "read_off": (blink.get("programmatic") or {}).get("mean"),
+    }
+    return scores
+
+
+def _collect(
+    config: SpatialCotConfig,
+    runs: dict[tuple[str, int], Path],
+    steps: int,
+    rate: float | None,
+    train_seconds: float,
+    total_seconds: float,
+) -> dict[str, Any]:
+    table: dict[str, dict[str, Any]] = {}
+    for arm in (a for a in ARMS if a.name in config.arms):
+        per_split: dict[str, Any] = {}
+        for split in ("val", "test"):
+            seeds = [_arm_scores(runs[(arm.name, s)], split) for s in range(config.seeds)]
+            merged: dict[str, Any] = {}
+            for key in seeds[0]:
+                values = [s[key] for s in seeds if s[key] is not None]
+                merged[key] = {
+                    "mean": statistics.fmean(values) if values else None,
+                    "sd": statistics.stdev(values) if len(values) > 1 else None,
+                    "per_seed": [s[key] for s in seeds],
+                }
+            per_split[split] = merged
+        walls = []
+        for s in range(config.seeds):
+            logs = runs[(arm.name, s)] / "train_log.jsonl"
+            from perceptio.utils.jsonl import read_jsonl
+
+            records = read_jsonl(logs)
+            walls.append(records[-1]["seconds"] if records else None)
+        table[arm.name] = {"description": arm.description, "train_seconds": walls, "splits": per_split}
+    majority = {}
+    for split in ("val", "test"):
+        from collections import Counter
+
+        from perceptio.data.readers import read_hardblink
+
+        questions = read_hardblink(Path(config.out) / "world" / "hardblink" / split)
+        questions = questions[: config.eval_limit] if config.eval_limit is not None else questions
+        counts: dict[int, Counter] = {}
+        for q in questions:
+            counts.setdefault(len(q.points), Counter())[q.answer] += 1
+        majority[split] = {str(n): max(c.values()) / sum(c.values()) for n, c in sorted(counts.items())}
+    return {
+        "majority_answer": majority,
+        "command": "perceptio experiment spatial-cot " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else None,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "steps": steps,
+        "spatial_steps_per_s": rate,
+        "train_wall_seconds": train_seconds,
+        "total_wall_seconds": total_seconds,
+        "arms": table,
+    }
+
+
+def _cell(entry: dict[str, Any], pct: bool = True) -> str:
+    mean, sd = entry["mean"], entry["sd"]
+    if mean is None:
+        return "n/a"
+    text = f"{100 * mean:.1f}" if pct else f"{mean:.3f}"
+    if sd is not None:
+        text += f" ± {100 * sd:.1f}" if pct else f" ± {sd:.3f}"
+    return text
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The markdown tables of ``results.json`` (one per split) in the layout of the paper's claims."""
+    config = results["config"]
+    lines = [
+        "# Spatial chain-of-thought experiment",
+        "",
+        f"Preset `{config['preset']}`, recipe `{config['recipe']}` with overrides "
+        f"{list(config['overrides']) or 'none'}; "
+        f"{results['steps']} steps per arm, {config['seeds']} seed(s) (0..{config['seeds'] - 1}), "
+        f"{config['num_images']} world images; evaluation: greedy, unconstrained, at most {config['eval_limit']} "
+        "samples per task and split. Accuracies in %, mean ± sd over seeds.",
+        "",
+    ]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    for split in ("val", "test"):
+        lines += [
+            f"## {split} split",
+            "",
+            "| arm | RefCOCO-style cIoU | rel. depth 2 pts | 3 pts | 4 pts | 5 pts | mean 3-5 | VQA | malformed spans "
+            "| unparsed answers | read off own span (2-5) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, arm in results["arms"].items():
+            s = arm["splits"][split]
+            malformed = "n/a (banned)" if name == "direct" else _cell(s["malformed"])
+            lines.append(
+                f"| {name} | {_cell(s['ciou'], pct=False)} | {_cell(s['acc_2'])} | {_cell(s['acc_3'])} | "
+                f"{_cell(s['acc_4'])} | {_cell(s['acc_5'])} | {_cell(s['acc_345'])} | {_cell(s['vqa'])} | "
+                f"{malformed} | {_cell(s['unparsed'])} | {_cell(s['read_off'])} |"
+            )
+        base = results["majority_answer"][split]
+        lines.append(
+            "| majority answer | | "
+            + " | ".join(f"{100 * base[n]:.1f}" if n in base else "n/a" for n in ("2", "3", "4", "5"))
+            + " | | | | | |"
+        )
+        lines.append("")
+    lines += ["Arms:", ""]
+    lines += [
+        f"- `{name}`: {arm['description']}; training wall time {arm['train_seconds']} s"
+        for name, arm in results["arms"].items()
+    ]
+    lines += ["", f"Total wall time {results['total_wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,594 @@
+"""The main job, end to end on a CPU: ``perceptio quickstart`` (``make quickstart``).
+
+Stages, each written under ``out`` and reused by a second run once finished:
+
+1. ``world/``: render the synthetic world (train/val/test);
+2. ``tokenizer/``: train the tiny depth tokenizer on the train split's exact depth;
+3. ``segmenter/``: pretrain the tiny SAM2 with point and box prompts on the train split's object masks (its image
+   encoder is then frozen inside Perceptio, as in the paper);
+4. ``train/``: train the tiny Perceptio model with the recipe (``configs/tiny_synth.yaml``), resumable;
+5. ``eval/``: evaluate on the val split with *unconstrained* decoding: referring segmentation (cIoU, gIoU, and
+   the same SAM2 prompted with a true point inside each object), relative depth with 2-5 markers (against the
+   majority-answer baseline per point count), depth (AbsRel, delta<1.25 of the decoded span, against the mean
+   training map), VQA accuracy, and the share of well-formed spatial spans;
+6. ``predictions/``: predictions on a few val images (the files ``perceptio predict`` writes);
+7. ``report.md``, ``loss_curves.png`` and ``gallery.png``.
+
+A stage is finished when its output marker exists and was made with the same settings (``stages.json``);
+changing a setting reruns that stage and every later one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["QuickstartConfig", "TARGETS", "run_quickstart"]
+
+STAGES = ("world", "tokenizer", "segmenter", "train", "eval", "predictions", "report")
+EVAL_TASKS = ("refcoco", "hardblink", "depth", "vqa")
+SPAN_TASKS = ("hardblink", "depth")
+"""Tasks whose answers follow a depth span: evaluated a second time with unconstrained decoding."""
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """What the quickstart runs. The defaults are the documented ``make quickstart``; tests shrink every stage."""
+
+    out: Path = Path("runs/quickstart")
+    recipe: Path = Path("configs/tiny_synth.yaml")
+    """The training recipe; its data root, tokenizer, segmenter and output folder are pointed at ``out``."""
+    overrides: tuple[str, ...] = ()
+    """``key=value`` overrides of the recipe, e.g. ``run.steps=50``."""
+    num_images: int = 4000
+    world_seed: int = 0
+    image_size: int = 128
+    tokenizer_steps: int = 1500
+    segmenter_steps: int = 1500
+    segmenter_batch_size: int = 32
+    eval_limit: int | None = None
+    """Evaluate only the first N samples of each task (None: the whole val split)."""
+    eval_batch_size: int = 16
+    gallery: int = 4
+    """Val images in the gallery (each gets a segmentation, a depth and a question prompt)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
+            raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
+        if self.gallery < 0 or self.eval_batch_size < 1 or (self.eval_limit is not None and self.eval_limit < 1):
+            raise ValueError("gallery must be >= 0, eval_batch_size >= 1 and eval_limit >= 1 (or None)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One acceptance target of the quickstart model (the issue's list), checked against ``metrics``."""
+
+    name: str
+    describe: str
+    check: Callable[[dict[str, Any]], tuple[str, bool | None]]
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+
+def _seg_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    ciou, ref = m["refcoco"].get("ciou"), m["reference"]["point_prompt_ciou"]
+    if ciou is None:
+        return "n/a", None
+    share = ciou / ref if ref else float("nan")
+    return f"cIoU {ciou:.3f}; {_fmt(share, True)} of point-prompted {ref:.3f}", bool(ciou >= 0.5 and share >= 0.8)
+
+
+def _span_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    rate = m["well_formed_rate"]
+    return _fmt(rate, True), None if rate is None else bool(rate >= 1.0)
+
+
+def _depth_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    ours, base = m["depth"].get("abs_rel"), m["reference"]["mean_map_abs_rel"]
+    if ours is None:
+        return "n/a", None
+    return f"AbsRel {ours:.3f} vs mean map {base:.3f}", bool(ours <= 0.75 * base)  # "well below": >= 25 % lower
+
+
+def _vqa_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    acc = m["vqa"].get("accuracy")
+    return _fmt(acc, True), None if acc is None else bool(acc >= 0.7)
+
+
+def _point_accuracy(m: dict[str, Any], points: int | str) -> float | None:
+    return m["hardblink"]["answer"]["by_point_count"].get(str(points), {}).get("accuracy")
+
+
+def _relative_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    base = m["reference"]["majority_by_points"]
+    parts, ok = [], True
+    for n in sorted(base, key=int):
+        acc = _point_accuracy(m, n)
+        parts.append(f"{n} pts {_fmt(acc, True)} vs {_fmt(base[n], True)}")
+        ok &= acc is not None and acc > base[n]
+    return "; ".join(parts), bool(ok)
+
+
+TARGETS = (
+    Target("referring segmentation", "cIoU >= 0.5 and >= 80 % of the point-prompted SAM2", _seg_target),
+    Target("spatial spans", "100 % well-formed (unconstrained decoding)", _span_target),
+    Target("depth", "decoded-span AbsRel well below (<= 0.75x) the mean-map baseline", _depth_target),
+    Target("VQA", "accuracy >= 70 %", _vqa_target),
+    Target("relative depth", "above the majority answer for every point count", _relative_target),
+)
+
+
+@dataclass
+class _Stages:
+    """``stages.json``: per stage, the digest of the settings it was made with and how long it took."""
+
+    path: Path
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _Stages:
+        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+
+    def done(self, name: str, digest: str) -> bool:
+        return self.records.get(name, {}).get("digest") == digest
+
+    def finish(self, name: str, digest: str, seconds: float) -> None:
+        self.records[name] = {"digest": digest, "seconds": round(seconds, 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.records, indent=2) + "\n")
+        tmp.replace(self.path)
+
+    def invalidate_after(self, name: str) -> None:
+        for later in STAGES[STAGES.index(name) + 1 :]:
+            self.records.pop(later, None)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = print, until: str = STAGES[-1]) -> Path:
+    """Run (or resume) every stage up to ``until`` (default: all); returns the path of ``report.md``."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages.load(out / "stages.json")
+    paths = {
+        "world": out / "world",
+        "tokenizer": out / "tokenizer",
+        "segmenter": out / "segmenter",
+        "train": out / "train",
+        "eval": out / "eval",
+        "predictions": out / "predictions",
+    }
+    recipe = _recipe(config, paths)
+    digests: dict[str, str] = {}
+    previous = ""
+    settings = {
+        "world": (config.num_images, config.world_seed, config.image_size),
+        "tokenizer": (config.tokenizer_steps,),
+        "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
+        "train": (asdict(recipe),),
+        "eval": (config.eval_limit, EVAL_TASKS),
+        "predictions": (config.gallery,),
+        "report": (time.time(),),  # always rewritten: it is cheap
+    }
+    runners: dict[str, Callable[[], None]] = {
+        "world": lambda: _world(config, paths["world"]),
+        "tokenizer": lambda: _tokenizer(config, paths),
+        "segmenter": lambda: _segmenter(config, paths),
+        "train": lambda: _train(config, recipe),
+        "eval": lambda: _evaluate(config, paths),
+        "predictions": lambda: _predictions(config, paths),
+        "report": lambda: _report(config, paths, stages),
+    }
+    began = time.perf_counter()
+    for k, name in enumerate(STAGES, start=1):
+        digests[name] = previous = _digest(previous, settings[name])
+        label = f"[{k}/{len(STAGES)}] {name}"
+        if stages.done(name, digests[name]):
+            echo(f"{label}: finished earlier, reusing {paths.get(name, out / 'report.md')}")
+            if name == until:
+                break
+            continue
+        stages.invalidate_after(name)
+        echo(f"{label}: running")
+        start = time.perf_counter()
+        runners[name]()
+        stages.finish(name, digests[name], time.perf_counter() - start)
+        echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
+        if name == until:
+            break
+    echo(f"quickstart finished in {time.perf_counter() - began:.0f} s (this run)")
+    return out / "report.md"
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _world(config: QuickstartConfig, world: Path) -> None:
+    from perceptio.data.synthetic import WorldConfig, generate_world
+
+    generate_world(
+        world,
+        num_images=config.num_images,
+        seed=config.world_seed,
+        config=WorldConfig(image_size=config.image_size),
+        overwrite=True,
+    )
+
+
+def _tokenizer(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+    from perceptio.tokenizers.depth.pipeline import train_from_folder
+    from perceptio.tokenizers.depth.train import TokenizerTrainConfig
+
+    out = paths["tokenizer"]
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    train_from_folder(
+        paths["world"],
+        out,
+        preset="tiny",
+        train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, checkpoint_every=500),
+        resume=resume,
+        progress=config.progress,
+    )
+
+
+def _sam_config():  # noqa: ANN202 - Sam2Config
+    from perceptio.models import PRESETS
+
+    preset = PRESETS["tiny"]
+    return preset.config(preset.text_tokenizer()).segmenter_config
+
+
+def _segmenter(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+    from perceptio.data.readers import read_refer
+    from perceptio.train.segmenter import SegmenterPretrainConfig, load_objects, pretrain_segmenter
+
+    sam_config = _sam_config()
+    size = sam_config.prompt_encoder_config.image_size
+    world = paths["world"]
+    objects = load_objects(read_refer(world, "refcoco", split="train", image_root=world / "images"), size)
+    train_config = SegmenterPretrainConfig(steps=config.segmenter_steps, batch_size=config.segmenter_batch_size)
+    pretrain_segmenter(objects, sam_config, train_config, paths["segmenter"], progress=config.progress)
+
+
+def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 - TrainConfig
+    from perceptio.config import load_config
+    from perceptio.train.config import TrainConfig
+
+    pointed = [
+        f"data.root={paths['world']}",
+        f"model.depth_tokenizer={paths['tokenizer']}",
+        f"model.segmenter_weights={paths['segmenter']}",
+        f"run.out_dir={paths['train']}",
+    ]
+    return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
+
+
+def _train(config: QuickstartConfig, recipe) -> None:  # noqa: ANN001 - TrainConfig
+    from perceptio.tokenizers.depth.pipeline import default_cache_dir
+    from perceptio.train.checkpoint import latest_checkpoint
+    from perceptio.train.loop import train
+
+    out = Path(recipe.run.out_dir)
+    # resume an interrupted run of this very recipe; a changed recipe starts over
+    marker = out.with_name(out.name + ".recipe")
+    digest = _digest(asdict(recipe))
+    same = marker.is_file() and marker.read_text().strip() == digest
+    resume = same and out.is_dir() and latest_checkpoint(out) is not None
+    marker.write_text(digest + "\n")
+    train(recipe, resume=resume, overwrite=not resume, progress=config.progress, cache_dir=default_cache_dir())
+
+
+def _eval_settings(  # noqa: ANN202 - EvalSettings
+    config: QuickstartConfig, paths: dict[str, Path], task: str, *, constrain: bool = True
+):
+    from perceptio.eval.harness import EvalSettings
+
+    world = paths["world"]
+    data = {
+        "refcoco": world,
+        "hardblink": world / "hardblink" / "val",
+        "depth": world,
+        "vqa": world / "vqa" / "val.json",
+    }[task]
+    return EvalSettings(
+        task=task,
+        model=paths["train"] / "model",
+        data=data,
+        out=paths["eval"] / (task if constrain else f"{task}_unconstrained"),
+        split="val",
+        image_root=world / "images" if task in ("refcoco", "vqa") else None,
+        limit=config.eval_limit,
+        batch_size=config.eval_batch_size,
+        resume=True,
+        constrain=constrain,
+    )
+
+
+def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+    from perceptio.eval.harness import load_task_samples, run_eval
+    from perceptio.models.build import load_model
+
+    model = load_model(paths["train"] / "model", device="cpu")
+    metrics: dict[str, Any] = {}
+    samples = {}
+    for task in EVAL_TASKS:  # the library's default protocol: the depth-span grammar constrained (decision 8)
+        settings = _eval_settings(config, paths, task)
+        samples[task] = load_task_samples(settings)
+        metrics[task] = run_eval(settings, progress=config.progress, model=model)
+    for task in SPAN_TASKS:  # unconstrained, so that the well-formed share measures the model, not the grammar
+        settings = _eval_settings(config, paths, task, constrain=False)
+        metrics[f"{task}_unconstrained"] = run_eval(settings, progress=config.progress, model=model)
+    metrics["reference"] = _references(config, paths, samples)
+    counts = [(metrics[f"{t}_unconstrained"]["well_formed_rate"], metrics[t]["count"]) for t in SPAN_TASKS]
+    total = sum(n for _, n in counts)
+    metrics["well_formed_rate"] = sum(r * n for r, n in counts) / total if total else None
+    (paths["eval"] / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[str, list]) -> dict[str, Any]:
+    """What the model is measured against: the point-prompted pretrained SAM2 on the same expressions, the
+    majority answer per point count, and the mean training depth map."""
+    from transformers import Sam2Model
+
+    from perceptio.tokenizers.depth.evaluate import depth_metrics
+    from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
+    from perceptio.train.segmenter import load_objects, point_prompt_ciou
+
+    sam = Sam2Model.from_pretrained(paths["segmenter"])
+    sam.mask_decoder.dynamic_multimask_via_stability = False
+    size = sam.config.prompt_encoder_config.image_size
+    point = point_prompt_ciou(sam, load_objects(samples["refcoco"], size, distinct=False))
+
+    by_points: dict[int, Counter] = {}
+    for sample in samples["hardblink"]:
+        by_points.setdefault(len(sample.points), Counter())[sample.answer] += 1
+    majority = {n: max(c.values()) / sum(c.values()) for n, c in sorted(by_points.items())}
+
+    mean_map = np.load(paths["tokenizer"] / "mean_map.npy")
+    maps, _ = teacher_maps(samples["depth"], GroundTruthTeacher(), size=mean_map.shape[0], progress=False)
+    scores = [depth_metrics(mean_map, m.depth) for m in maps]
+    return {
+        "point_prompt_ciou": point["ciou"],
+        "point_prompt_giou": point["giou"],
+        "majority_by_points": majority,
+        "mean_map_abs_rel": float(np.mean([s["abs_rel"] for s in scores])),
+        "mean_map_delta1": float(np.mean([s["delta1"] for s in scores])),
+    }
+
+
+def _gallery_items(paths: dict[str, Path], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` val images with a referring expression, each with one of its VQA questions."""
+    from perceptio.data.readers import read_conversations, read_refer
+
+    world = paths["world"]
+    refs = read_refer(world, "refcoco", split="val", image_root=world / "images")
+    questions: dict[str, Any] = {}
+    for sample in read_conversations(world / "vqa" / "val.json", image_root=world / "images"):
+        questions.setdefault(Path(sample.image.describe()).name, sample)
+    items, seen = [], set()
+    for sample in refs:
+        name = Path(sample.image.describe()).name
+        if name in seen:
+            continue
+        seen.add(name)
+        question = questions.get(name)
+        items.append(
+            {
+                "image": name,
+                "expression": sample.query,
+                "mask": sample.target_mask(),
+                "question": question.query.replace("<image>", "").strip() if question else None,
+                "gold": question.answer if question else None,
+            }
+        )
+        if len(items) == count:
+            break
+    return items
+
+
+def _predictions(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+    from perceptio.eval.harness import DEPTH_PROMPT, SEGMENT_PROMPT
+    from perceptio.inference import Perceptio
+
+    model = Perceptio.from_pretrained(paths["train"] / "model", device="cpu")
+    out = paths["predictions"]
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for item in _gallery_items(paths, config.gallery):
+        image = paths["world"] / "images" / item["image"]
+        prompts = {"segment": SEGMENT_PROMPT.format(expr=item["expression"]), "depth": DEPTH_PROMPT}
+        if item["question"]:
+            prompts["question"] = item["question"]
+        predictions = model.predict(image, list(prompts.values()))
+        entry = {"image": item["image"], "gold": item["gold"], "outputs": {}}
+        for kind, prompt, prediction in zip(prompts, prompts.values(), predictions, strict=True):
+            folder = out / f"{Path(item['image']).stem}_{kind}"
+            model.save_prediction(prediction, image, folder, prompt=prompt)
+            entry["outputs"][kind] = str(folder.relative_to(out))
+        index.append(entry)
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _report(config: QuickstartConfig, paths: dict[str, Path], stages: _Stages) -> None:
+    out = Path(config.out)
+    summary = json.loads((paths["eval"] / "summary.json").read_text())
+    _loss_curves(paths["train"]).save(out / "loss_curves.png")
+    gallery = _gallery(paths)
+    if gallery is not None:
+        gallery.save(out / "gallery.png")
+    (out / "report.md").write_text(_report_text(config, paths, summary, stages.records, gallery is not None))
+
+
+def _loss_curves(train_dir: Path):  # noqa: ANN202 - PIL image
+    """Total loss and every loss term over the steps (log scale), above the per-task token losses."""
+    from PIL import Image
+
+    from perceptio.utils.jsonl import read_jsonl
+    from perceptio.utils.viz import line_chart
+
+    logs = [r for r in read_jsonl(train_dir / "train_log.jsonl") if "loss" in r]
+    terms: dict[str, list[tuple[float, float]]] = {"loss": [(r["step"], r["loss"]) for r in logs]}
+    tasks: dict[str, list[tuple[float, float]]] = {}
+    for record in logs:
+        for name, value in record.get("terms", {}).items():
+            terms.setdefault(name, []).append((record["step"], value))
+        for name, value in record.get("task_text_loss", {}).items():
+            tasks.setdefault(name, []).append((record["step"], value))
+    top = line_chart(terms, title="training loss and its terms (log scale)", log_y=True)
+    bottom = line_chart(tasks, title="token loss per task (log scale)", log_y=True)
+    sheet = Image.new("RGB", (top.width, top.height + bottom.height), (255, 255, 255))
+    sheet.paste(top, (0, 0))
+    sheet.paste(bottom, (0, top.height))
+    return sheet
+
+
+def _gallery(paths: dict[str, Path]):  # noqa: ANN202 - PIL image or None
+    """One row per gallery image: the image, the predicted mask, predicted and true depth, and the text."""
+    from PIL import Image
+
+    from perceptio.utils.viz import colorize_depth, text_panel
+
+    index_path = paths["predictions"] / "index.json"
+    if not index_path.is_file():
+        return None
+    index = json.loads(index_path.read_text())
+    tile, rows = 160, []
+    for entry in index:
+        stem = Path(entry["image"]).stem
+        image = Image.open(paths["world"] / "images" / entry["image"]).convert("RGB").resize((tile, tile))
+        seg_dir = paths["predictions"] / entry["outputs"]["segment"]
+        depth_dir = paths["predictions"] / entry["outputs"]["depth"]
+        overlay = Image.open(seg_dir / "overlay.png").convert("RGB").resize((tile, tile))
+        blank = Image.new("RGB", (tile, tile), (230, 230, 230))
+        depth = (
+            Image.open(depth_dir / "depth.png").convert("RGB").resize((tile, tile))
+            if (depth_dir / "depth.png").is_file()
+            else blank
+        )
+        truth_path = next(paths["world"].glob(f"depth/*/{stem}.npy"), None)
+        truth = (
+            colorize_depth(np.load(truth_path), inverse=True).convert("RGB").resize((tile, tile))
+            if truth_path is not None
+            else blank
+        )
+        lines = []
+        for kind, folder in entry["outputs"].items():
+            record = json.loads((paths["predictions"] / folder / "prediction.json").read_text())
+            lines.append(f"{kind}: {record['prompt']}")
+            lines.append(f"  output: {record['output'][:300]}")
+            lines.append(f"  answer: {record['answer']}" + (f" (gold: {entry['gold']})" if kind == "question" else ""))
+        text = text_panel(lines, 4 * tile, max_lines=12)
+        row = Image.new("RGB", (4 * tile, tile + text.height), (255, 255, 255))
+        for k, picture in enumerate((image, overlay, depth, truth)):
+            row.paste(picture, (k * tile, 0))
+        row.paste(text, (0, tile))
+        rows.append(row)
+    if not rows:
+        return None
+    header = text_panel(["image | predicted mask | predicted depth (decoded span) | true depth"], 4 * tile)
+    sheet = Image.new("RGB", (4 * tile, header.height + sum(r.height for r in rows)), (255, 255, 255))
+    sheet.paste(header, (0, 0))
+    y = header.height
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    return sheet
+
+
+def _report_text(
+    config: QuickstartConfig,
+    paths: dict[str, Path],
+    summary: dict[str, Any],
+    timings: dict[str, dict[str, Any]],
+    has_gallery: bool,
+) -> str:
+    ref, seg, depth = summary["reference"], summary["refcoco"], summary["depth"]
+    loose = summary["depth_unconstrained"]
+    lines = [
+        "# Perceptio quickstart report",
+        "",
+        f"The tiny Perceptio model trained with `{config.recipe}` on the synthetic world "
+        f"({config.num_images} images), evaluated on the val split with greedy decoding. Task metrics use the "
+        "library's default protocol, the depth-span grammar constrained while decoding; the well-formed share of "
+        "spatial spans is measured with a second, unconstrained pass. A missing mask or span scores as empty or "
+        "flat, never skipped.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for target in TARGETS:
+        value, met = target.check(summary)
+        lines.append(
+            f"| {target.name} | {value} | {target.describe} | {'n/a' if met is None else 'yes' if met else 'no'} |"
+        )
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "| task | metric | model | reference |",
+        "|---|---|---|---|",
+        f"| referring segmentation ({seg['count']} expressions) | cIoU | {_fmt(seg.get('ciou'))} | "
+        f"{_fmt(ref['point_prompt_ciou'])} (SAM2, true point prompt) |",
+        f"| | gIoU | {_fmt(seg.get('giou'))} | {_fmt(ref['point_prompt_giou'])} |",
+        f"| | no mask | {_fmt(seg.get('missing_seg_rate'), True)} | |",
+    ]
+    programmatic = (summary["hardblink"].get("programmatic") or {}).get("by_point_count", {})
+    for n, base in ref["majority_by_points"].items():
+        acc = _point_accuracy(summary, n)
+        read_off = programmatic.get(str(n), {})
+        lines.append(
+            f"| relative depth, {n} points | accuracy | {_fmt(acc, True)} | {_fmt(base, True)} (majority answer); "
+            f"{_fmt(read_off.get('accuracy'), True)} read off the model's own span at the markers "
+            f"({read_off.get('total', 0)} spans) |"
+        )
+    lines += [
+        f"| relative depth, all | unparsed answers | {_fmt(summary['hardblink'].get('unparsed_rate'), True)} | |",
+        f"| depth ({depth['count']} maps) | AbsRel | {_fmt(depth.get('abs_rel'))} | {_fmt(ref['mean_map_abs_rel'])} "
+        "(mean training map) |",
+        f"| | delta<1.25 | {_fmt(depth.get('delta1'), True)} | {_fmt(ref['mean_map_delta1'], True)} |",
+        f"| | spans decoded | {_fmt(depth.get('decoded_rate'), True)} | |",
+        f"| VQA ({summary['vqa']['count']} questions) | accuracy | {_fmt(summary['vqa'].get('accuracy'), True)} | |",
+        f"| spatial spans (relative depth + depth) | well-formed, unconstrained decoding | "
+        f"{_fmt(summary['well_formed_rate'], True)} | |",
+        f"| depth, unconstrained decoding | AbsRel | {_fmt(loose.get('abs_rel'))} | "
+        f"{_fmt(loose.get('abs_rel_decoded'))} over its {_fmt(loose.get('decoded_rate'), True)} well-formed spans |",
+        "",
+        "Depth metrics are computed on normalised inverse depth (1 = nearest) at the tokenizer's resolution.",
+        "",
+        "## Loss curves",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+    ]
+    if has_gallery:
+        lines += [
+            "## Gallery",
+            "",
+            "![gallery](gallery.png)",
+            "",
+            f"The prediction files are in `{paths['predictions']}`.",
+            "",
+        ]
+    lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {record['seconds']} |" for name, record in timings.items()]
+    lines += ["", f"Predictions and metrics per task: `{paths['eval']}`; the model: `{paths['train'] / 'model'}`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""A shortened `perceptio quickstart` (a few steps of every stage), its reuse of finished stages, its report, and
+the spatial chain-of-thought experiment on the same scale."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from perceptio.cli.main import app
+from perceptio.data.readers import read_hardblink
+from perceptio.quickstart import STAGES, TARGETS
+from perceptio.utils.viz import LINE_COLORS, line_chart
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE = REPO_ROOT / "configs" / "tiny_synth.yaml"
+runner = CliRunner()
+
+SHORT = [
+    "--recipe", str(RECIPE), "--num-images", "40", "--tokenizer-steps", "5", "--segmenter-steps", "5",
+    "--eval-limit", "4", "--gallery", "2",
+    "run.steps=4", "run.checkpoint_every=2", "run.log_every=1", "eval.every=0", "run.global_batch_size=4",
+    "run.micro_batch_size=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("qs") / "quickstart"
+    result = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_every_stage_runs_and_the_report_is_written(quickstart_run: tuple[Path, str]) -> None:
+    out, output = quickstart_run
+    for k, stage in enumerate(STAGES, start=1):
+        assert f"[{k}/{len(STAGES)}] {stage}: running" in output
+    assert f"report: {out / 'report.md'}" in output
+    assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
+    assert (out / "train" / "model" / "config.json").is_file()
+    assert (out / "segmenter" / "model.safetensors").is_file() and (out / "tokenizer" / "mean_map.npy").is_file()
+
+    report = (out / "report.md").read_text()
+    for target in TARGETS:
+        assert f"| {target.name} |" in report
+    assert "![loss curves](loss_curves.png)" in report and "![gallery](gallery.png)" in report
+    curves, gallery = Image.open(out / "loss_curves.png"), Image.open(out / "gallery.png")
+    assert curves.size == (640, 720) and gallery.width == 640 and gallery.height > 2 * 160
+
+    index = json.loads((out / "predictions" / "index.json").read_text())
+    assert len(index) == 2
+    for entry in index:
+        assert set(entry["outputs"]) == {"segment", "depth", "question"}
+        for folder in entry["outputs"].values():
+            record = json.loads((out / "predictions" / folder / "prediction.json").read_text())
+            assert record["prompt"] and (out / "predictions" / folder / "overlay.png").is_file()
+
+
+def test_summary_metrics_and_baselines_are_measured(quickstart_run: tuple[Path, str]) -> None:
+    out, _ = quickstart_run
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    for task in ("refcoco", "hardblink", "depth", "vqa"):
+        assert summary[task]["count"] == 4, task
+        predictions = (out / "eval" / task / "predictions.jsonl").read_text().splitlines()
+        assert len(predictions) == 4
+    ref = summary["reference"]
+    assert 0.0 <= ref["point_prompt_ciou"] <= 1.0 and ref["mean_map_abs_rel"] > 0
+    # the majority baseline is the most frequent gold letter among the evaluated questions of each point count
+    questions = read_hardblink(out / "world" / "hardblink" / "val")[:4]
+    counts: dict[int, Counter] = {}
+    for q in questions:
+        counts.setdefault(len(q.points), Counter())[q.answer] += 1
+    expected = {str(n): max(c.values()) / sum(c.values()) for n, c in counts.items()}
+    assert ref["majority_by_points"] == pytest.approx(expected)
+    # task metrics use constrained decoding; the span share pools a second, unconstrained pass of both span tasks
+    assert json.loads((out / "eval" / "depth" / "eval_settings.json").read_text())["constrained_decoding"] is True
+    for task in ("hardblink", "depth"):
+        loose = json.loads((out / "eval" / f"{task}_unconstrained" / "eval_settings.json").read_text())
+        assert loose["constrained_decoding"] is False
+    records = [
+        json.loads(line)
+        for task in ("hardblink", "depth")
+        for line in (out / "eval" / f"{task}_unconstrained" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert summary["well_formed_rate"] == pytest.approx(np.mean([not r["issues"] for r in records]))
+
+
+def test_a_second_run_reuses_finished_stages_and_a_changed_recipe_retrains(quickstart_run: tuple[Path, str]) -> None:
+    out, _ = quickstart_run
+    model_file = out / "train" / "model" / "model.safetensors"
+    stamp = model_file.stat().st_mtime_ns
+    again = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
+    assert again.exit_code == 0, again.output
+    for stage in STAGES[:-1]:
+        assert f"{stage}: finished earlier, reusing" in again.output
+    assert model_file.stat().st_mtime_ns == stamp
+
+    changed = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT[:-6], "run.steps=5", *SHORT[-5:]])
+    assert changed.exit_code == 0, changed.output
+    for stage in ("world", "tokenizer", "segmenter"):
+        assert f"{stage}: finished earlier, reusing" in changed.output
+    for stage in ("train", "eval", "predictions", "report"):
+        assert f"{stage}: running" in changed.output
+    logs = (out / "train" / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(logs[-1])["step"] == 5
+
+
+def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path), "--recipe", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0 and "nope.yaml not found" in result.output
+
+
+def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
+    def summary(ciou: float, wf: float, absrel: float, vqa: float, acc2: float) -> dict:
+        return {
+            "refcoco": {"ciou": ciou},
+            "well_formed_rate": wf,
+            "depth": {"abs_rel": absrel},
+            "vqa": {"accuracy": vqa},
+            "hardblink": {"answer": {"by_point_count": {"2": {"accuracy": acc2}, "3": {"accuracy": 0.5}}}},
+            "reference": {
+                "point_prompt_ciou": 0.6,
+                "mean_map_abs_rel": 0.4,
+                "majority_by_points": {"2": 0.55, "3": 0.4},
+            },
+        }
+
+    good = [t.check(summary(0.5, 1.0, 0.2, 0.7, 0.6))[1] for t in TARGETS]
+    assert good == [True] * len(TARGETS)
+    bad = [t.check(summary(0.47, 0.99, 0.35, 0.69, 0.55))[1] for t in TARGETS]  # 0.47 < 0.5; 0.55 not above
+    assert bad == [False] * len(TARGETS)
+    # cIoU 0.5 against a 0.7 point-prompt reference is only 71 %: below the 80 % share
+    share = summary(0.5, 1.0, 0.2, 0.7, 0.6)
+    share["reference"]["point_prompt_ciou"] = 0.7
+    assert TARGETS[0].check(share)[1] is False
+
+
+def test_line_chart_draws_each_series_in_its_colour() -> None:
+    chart = line_chart({"a": [(0, 1.0), (10, 0.1)], "b": [(0, 0.5), (10, float("nan")), (5, 0.2)]}, log_y=True)
+    pixels = {tuple(p) for p in np.asarray(chart).reshape(-1, 3)}
+    assert LINE_COLORS[0] in pixels and LINE_COLORS[1] in pixels
+    empty = np.asarray(line_chart({"a": [(0, float("nan"))]}))
+    assert LINE_COLORS[0] not in {tuple(p) for p in empty.reshape(-1, 3)}
+
+
+def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    args = [
+        "experiment", "spatial-cot", "--out", str(out), "--steps", "3", "--num-images", "40", "--eval-limit", "2",
+        "--arms", "spatial,direct", "--recipe", str(RECIPE), "--tokenizer-steps", "5", "--segmenter-steps", "5",
+        "run.global_batch_size=4", "run.micro_batch_size=4",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 3 and set(results["arms"]) == {"spatial", "direct"}
+    for arm in ("spatial", "direct"):
+        run = out / "arms" / f"{arm}_seed0"
+        assert json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 3
+        config = (run / "config.yaml").read_text()
+        assert ("depth_cot: false" in config) == (arm == "direct")
+        for split in ("val", "test"):
+            assert results["arms"][arm]["splits"][split]["ciou"]["per_seed"][0] is not None
+    settings = json.loads(
+        (out / "arms" / "direct_seed0" / "eval" / "hardblink_test" / "eval_settings.json").read_text()
+    )
+    assert settings["spatial_cot"] is False and settings["constrained_decoding"] is False
+    table = (out / "results.md").read_text()
+    assert "| spatial |" in table and "| direct |" in table and "## test split" in table
