@@ -14,14 +14,16 @@ Stages, each written under ``out`` and reused by a second run once finished:
 6. ``predictions/``: predictions on a few val images (the files ``perceptio predict`` writes);
 7. ``report.md``, ``loss_curves.png`` and ``gallery.png``.
 
-A stage is finished when its output marker exists and was made with the same settings (``stages.json``);
-changing a setting reruns that stage and every later one.
+``stages.json`` records each stage's settings digest (chained through the earlier stages) and whether it
+finished. Changing a setting reruns that stage and every later one from an empty folder; an interrupted
+tokenizer, training or evaluation stage with unchanged settings resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -114,6 +116,8 @@ def _point_accuracy(m: dict[str, Any], points: int | str) -> float | None:
 
 def _relative_target(m: dict[str, Any]) -> tuple[str, bool | None]:
     base = m["reference"]["majority_by_points"]
+    if not base:
+        return "no relative-depth questions", None
     parts, ok = [], True
     for n in sorted(base, key=int):
         acc = _point_accuracy(m, n)
@@ -133,7 +137,9 @@ TARGETS = (
 
 @dataclass
 class _Stages:
-    """``stages.json``: per stage, the digest of the settings it was made with and how long it took."""
+    """``stages.json``: per stage, the digest of the settings (and earlier stages) it was made with, whether it
+    finished, and how long it took. A stage is marked ``running`` on disk before it starts, so an interrupted
+    stage resumes only under the same digest and a changed one starts from an empty folder."""
 
     path: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -143,17 +149,27 @@ class _Stages:
         return cls(path, json.loads(path.read_text()) if path.is_file() else {})
 
     def done(self, name: str, digest: str) -> bool:
-        return self.records.get(name, {}).get("digest") == digest
+        record = self.records.get(name, {})
+        return record.get("digest") == digest and record.get("status", "done") == "done"
+
+    def interrupted(self, name: str, digest: str) -> bool:
+        record = self.records.get(name, {})
+        return record.get("digest") == digest and record.get("status") == "running"
+
+    def start(self, name: str, digest: str) -> None:
+        for later in STAGES[STAGES.index(name) + 1 :]:
+            self.records.pop(later, None)
+        self.records[name] = {"digest": digest, "status": "running"}
+        self._write()
 
     def finish(self, name: str, digest: str, seconds: float) -> None:
-        self.records[name] = {"digest": digest, "seconds": round(seconds, 1)}
+        self.records[name] = {"digest": digest, "status": "done", "seconds": round(seconds, 1)}
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.records, indent=2) + "\n")
         tmp.replace(self.path)
-
-    def invalidate_after(self, name: str) -> None:
-        for later in STAGES[STAGES.index(name) + 1 :]:
-            self.records.pop(later, None)
 
 
 def _digest(*parts: Any) -> str:
@@ -176,44 +192,46 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
         "predictions": out / "predictions",
     }
     recipe = _recipe(config, paths)
-    digests: dict[str, str] = {}
     previous = ""
     settings = {
         "world": (config.num_images, config.world_seed, config.image_size),
         "tokenizer": (config.tokenizer_steps,),
         "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
         "train": (asdict(recipe),),
-        "eval": (config.eval_limit, EVAL_TASKS),
+        "eval": (config.eval_limit, EVAL_TASKS, SPAN_TASKS),
         "predictions": (config.gallery,),
         "report": (time.time(),),  # always rewritten: it is cheap
     }
-    runners: dict[str, Callable[[], None]] = {
-        "world": lambda: _world(config, paths["world"]),
-        "tokenizer": lambda: _tokenizer(config, paths),
-        "segmenter": lambda: _segmenter(config, paths),
-        "train": lambda: _train(config, recipe),
-        "eval": lambda: _evaluate(config, paths),
-        "predictions": lambda: _predictions(config, paths),
-        "report": lambda: _report(config, paths, stages),
+    runners: dict[str, Callable[[bool], None]] = {  # argument: resume an interrupted run of the same stage
+        "world": lambda resume: _world(config, paths["world"]),
+        "tokenizer": lambda resume: _tokenizer(config, paths, resume),
+        "segmenter": lambda resume: _segmenter(config, paths),
+        "train": lambda resume: _train(config, recipe, resume),
+        "eval": lambda resume: _evaluate(config, paths),
+        "predictions": lambda resume: _predictions(config, paths),
+        "report": lambda resume: _report(config, paths, stages),
     }
+    resumable = {"tokenizer", "train", "eval"}
     began = time.perf_counter()
     for k, name in enumerate(STAGES, start=1):
-        digests[name] = previous = _digest(previous, settings[name])
+        digest = previous = _digest(previous, settings[name])
         label = f"[{k}/{len(STAGES)}] {name}"
-        if stages.done(name, digests[name]):
+        if stages.done(name, digest):
             echo(f"{label}: finished earlier, reusing {paths.get(name, out / 'report.md')}")
-            if name == until:
-                break
-            continue
-        stages.invalidate_after(name)
-        echo(f"{label}: running")
-        start = time.perf_counter()
-        runners[name]()
-        stages.finish(name, digests[name], time.perf_counter() - start)
-        echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
+        else:
+            resume = name in resumable and stages.interrupted(name, digest)
+            folder = paths.get(name)
+            if not resume and folder is not None and folder.exists():
+                shutil.rmtree(folder)  # made with other settings, or by a stage that cannot resume
+            stages.start(name, digest)
+            echo(f"{label}: {'resuming' if resume else 'running'}")
+            start = time.perf_counter()
+            runners[name](resume)
+            stages.finish(name, digest, time.perf_counter() - start)
+            echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
         if name == until:
             break
-    echo(f"quickstart finished in {time.perf_counter() - began:.0f} s (this run)")
+    echo(f"finished in {time.perf_counter() - began:.0f} s (this run)")
     return out / "report.md"
 
 
@@ -232,12 +250,12 @@ def _world(config: QuickstartConfig, world: Path) -> None:
     )
 
 
-def _tokenizer(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+def _tokenizer(config: QuickstartConfig, paths: dict[str, Path], resume: bool) -> None:
     from perceptio.tokenizers.depth.pipeline import train_from_folder
-    from perceptio.tokenizers.depth.train import TokenizerTrainConfig
+    from perceptio.tokenizers.depth.train import TokenizerTrainConfig, latest_checkpoint
 
     out = paths["tokenizer"]
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    resume = resume and latest_checkpoint(out) is not None
     train_from_folder(
         paths["world"],
         out,
@@ -280,18 +298,12 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
     return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
 
 
-def _train(config: QuickstartConfig, recipe) -> None:  # noqa: ANN001 - TrainConfig
+def _train(config: QuickstartConfig, recipe, resume: bool) -> None:  # noqa: ANN001 - TrainConfig
     from perceptio.tokenizers.depth.pipeline import default_cache_dir
     from perceptio.train.checkpoint import latest_checkpoint
     from perceptio.train.loop import train
 
-    out = Path(recipe.run.out_dir)
-    # resume an interrupted run of this very recipe; a changed recipe starts over
-    marker = out.with_name(out.name + ".recipe")
-    digest = _digest(asdict(recipe))
-    same = marker.is_file() and marker.read_text().strip() == digest
-    resume = same and out.is_dir() and latest_checkpoint(out) is not None
-    marker.write_text(digest + "\n")
+    resume = resume and latest_checkpoint(recipe.run.out_dir) is not None
     train(recipe, resume=resume, overwrite=not resume, progress=config.progress, cache_dir=default_cache_dir())
 
 
@@ -336,9 +348,9 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
         settings = _eval_settings(config, paths, task, constrain=False)
         metrics[f"{task}_unconstrained"] = run_eval(settings, progress=config.progress, model=model)
     metrics["reference"] = _references(config, paths, samples)
-    counts = [(metrics[f"{t}_unconstrained"]["well_formed_rate"], metrics[t]["count"]) for t in SPAN_TASKS]
-    total = sum(n for _, n in counts)
-    metrics["well_formed_rate"] = sum(r * n for r, n in counts) / total if total else None
+    loose = [metrics[f"{t}_unconstrained"] for t in SPAN_TASKS if metrics[f"{t}_unconstrained"]["count"]]
+    total = sum(m["count"] for m in loose)
+    metrics["well_formed_rate"] = sum(m["well_formed_rate"] * m["count"] for m in loose) / total if total else None
     (paths["eval"] / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -383,6 +395,8 @@ def _gallery_items(paths: dict[str, Path], count: int) -> list[dict[str, Any]]:
     for sample in read_conversations(world / "vqa" / "val.json", image_root=world / "images"):
         questions.setdefault(Path(sample.image.describe()).name, sample)
     items, seen = [], set()
+    if count == 0:
+        return items
     for sample in refs:
         name = Path(sample.image.describe()).name
         if name in seen:
@@ -589,6 +603,6 @@ def _report_text(
             "",
         ]
     lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {record['seconds']} |" for name, record in timings.items()]
+    lines += [f"| {name} | {record['seconds']} |" for name, record in timings.items() if "seconds" in record]
     lines += ["", f"Predictions and metrics per task: `{paths['eval']}`; the model: `{paths['train'] / 'model'}`.", ""]
     return "\n".join(lines)

@@ -179,3 +179,18 @@ def test_hardblink_runs_on_all_372_questions(model_dir: Path, tmp_path: Path) ->
         4,
         5,
     }
+
+
+def test_a_limit_on_relative_depth_keeps_every_point_count(world_dir: Path) -> None:
+    from collections import Counter
+
+    from perceptio.eval.harness import EvalSettings, load_task_samples
+
+    folder = world_dir / "hardblink" / "train"
+    every = load_task_samples(EvalSettings(task="hardblink", model=Path("m"), data=folder, out=Path("o")))
+    assert sorted({len(s.points) for s in every}) == [2, 3, 4, 5]
+    kept = load_task_samples(EvalSettings(task="hardblink", model=Path("m"), data=folder, out=Path("o"), limit=6))
+    counts = Counter(len(s.points) for s in kept)
+    assert len(kept) == 6 and set(counts) == {2, 3, 4, 5} and max(counts.values()) == 2
+    ids = {s.sample_id for s in kept}
+    assert [s.sample_id for s in kept] == [s.sample_id for s in every if s.sample_id in ids]  # the readers' order

@@ -4,6 +4,7 @@ the spatial chain-of-thought experiment on the same scale."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,12 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "configs" / "tiny_synth.yaml"
 runner = CliRunner()
 
-SHORT = [
+OPTIONS = [
     "--recipe", str(RECIPE), "--num-images", "40", "--tokenizer-steps", "5", "--segmenter-steps", "5",
     "--eval-limit", "4", "--gallery", "2",
-    "run.steps=4", "run.checkpoint_every=2", "run.log_every=1", "eval.every=0", "run.global_batch_size=4",
-    "run.micro_batch_size=4",
 ]  # fmt: skip
+RECIPE_OVERRIDES = [
+    "run.checkpoint_every=2", "run.log_every=1", "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4",
+]  # fmt: skip
+SHORT = [*OPTIONS, *RECIPE_OVERRIDES, "run.steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +94,35 @@ def test_summary_metrics_and_baselines_are_measured(quickstart_run: tuple[Path, 
     assert summary["well_formed_rate"] == pytest.approx(np.mean([not r["issues"] for r in records]))
 
 
-def test_a_second_run_reuses_finished_stages_and_a_changed_recipe_retrains(quickstart_run: tuple[Path, str]) -> None:
+def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
+    quickstart_run: tuple[Path, str],
+) -> None:
     out, _ = quickstart_run
     model_file = out / "train" / "model" / "model.safetensors"
-    stamp = model_file.stat().st_mtime_ns
+    model_stamp = model_file.stat().st_mtime_ns
+    refcoco_predictions = out / "eval" / "refcoco" / "predictions.jsonl"
     again = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
     assert again.exit_code == 0, again.output
     for stage in STAGES[:-1]:
         assert f"{stage}: finished earlier, reusing" in again.output
-    assert model_file.stat().st_mtime_ns == stamp
+    assert model_file.stat().st_mtime_ns == model_stamp
 
-    changed = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT[:-6], "run.steps=5", *SHORT[-5:]])
+    # an evaluation killed after its refcoco part: the rerun resumes it and keeps the finished predictions
+    lines = [json.loads(line) for line in refcoco_predictions.read_text().splitlines()]
+    lines[0]["kept"] = True  # a re-predicted sample would lose this mark
+    refcoco_predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stages = json.loads((out / "stages.json").read_text())
+    stages["eval"]["status"] = "running"
+    (out / "stages.json").write_text(json.dumps(stages))
+    shutil.rmtree(out / "eval" / "vqa")
+    (out / "eval" / "summary.json").unlink()
+    resumed = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
+    assert resumed.exit_code == 0, resumed.output
+    assert "eval: resuming" in resumed.output and "train: finished earlier" in resumed.output
+    assert json.loads(refcoco_predictions.read_text().splitlines()[0]).get("kept") is True
+    assert len((out / "eval" / "vqa" / "predictions.jsonl").read_text().splitlines()) == 4
+
+    changed = runner.invoke(app, ["quickstart", "--out", str(out), *OPTIONS, *RECIPE_OVERRIDES, "run.steps=5"])
     assert changed.exit_code == 0, changed.output
     for stage in ("world", "tokenizer", "segmenter"):
         assert f"{stage}: finished earlier, reusing" in changed.output
@@ -109,6 +130,8 @@ def test_a_second_run_reuses_finished_stages_and_a_changed_recipe_retrains(quick
         assert f"{stage}: running" in changed.output
     logs = (out / "train" / "train_log.jsonl").read_text().splitlines()
     assert json.loads(logs[-1])["step"] == 5
+    # the new model's predictions, not the old ones that the evaluation's own resume would have kept
+    assert "kept" not in json.loads(refcoco_predictions.read_text().splitlines()[0])
 
 
 def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:
@@ -159,6 +182,7 @@ def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) ->
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith(f"perceptio experiment spatial-cot --out {out} --steps 3")
     assert results["steps"] == 3 and set(results["arms"]) == {"spatial", "direct"}
     for arm in ("spatial", "direct"):
         run = out / "arms" / f"{arm}_seed0"
@@ -167,9 +191,25 @@ def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) ->
         assert ("depth_cot: false" in config) == (arm == "direct")
         for split in ("val", "test"):
             assert results["arms"][arm]["splits"][split]["ciou"]["per_seed"][0] is not None
-    settings = json.loads(
-        (out / "arms" / "direct_seed0" / "eval" / "hardblink_test" / "eval_settings.json").read_text()
-    )
+    evals = out / "arms" / "direct_seed0" / "eval"
+    settings = json.loads((evals / "hardblink_test" / "eval_settings.json").read_text())
     assert settings["spatial_cot"] is False and settings["constrained_decoding"] is False
+    # the direct arm answers without a depth span but still segments through its segmentation token
+    assert json.loads((evals / "refcoco_val" / "eval_settings.json").read_text())["spatial_cot"] is True
     table = (out / "results.md").read_text()
     assert "| spatial |" in table and "| direct |" in table and "## test split" in table
+    assert "| majority answer |" in table
+
+    model_file = out / "arms" / "spatial_seed0" / "model" / "model.safetensors"
+    stamp = model_file.stat().st_mtime_ns
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "train spatial seed 0: finished earlier, reusing" in again.output
+    assert "eval direct seed 0 vqa test: finished earlier, reusing" in again.output
+    assert model_file.stat().st_mtime_ns == stamp
+    # another evaluation setting redoes the evaluations, not the training
+    changed = runner.invoke(app, [*args[:8], "--eval-limit", "1", *args[10:]])
+    assert changed.exit_code == 0, changed.output
+    assert "train spatial seed 0: finished earlier, reusing" in changed.output
+    assert "eval spatial seed 0 vqa val: started" in changed.output
+    assert json.loads((evals / "vqa_val" / "metrics.json").read_text())["metrics"]["count"] == 1

@@ -573,7 +573,7 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
     recipe: Annotated[Path, typer.Option(help="Training recipe.")] = Path("configs/tiny_synth.yaml"),
     num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 4000,
-    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    world_seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
     tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
     segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
     eval_limit: Annotated[
@@ -599,7 +599,7 @@ def quickstart(
             recipe=recipe,
             overrides=tuple(overrides or ()),
             num_images=num_images,
-            world_seed=seed,
+            world_seed=world_seed,
             tokenizer_steps=tokenizer_steps,
             segmenter_steps=segmenter_steps,
             eval_limit=eval_limit,
@@ -650,8 +650,15 @@ def experiment_spatial_cot(
 
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
+    budget = f"--steps {steps}" if steps is not None else f"--budget-minutes {budget_minutes:g}"
+    command = (
+        f"perceptio experiment spatial-cot --out {out} {budget} --preset {preset} --seeds {seeds} --recipe {recipe} "
+        f"--num-images {num_images} --eval-limit {eval_limit} --tokenizer-steps {tokenizer_steps} "
+        f"--segmenter-steps {segmenter_steps} --arms {arms}" + "".join(f" {o}" for o in overrides or [])
+    )
     try:
         config = SpatialCotConfig(
+            command=command,
             out=out,
             preset=preset,
             recipe=recipe,

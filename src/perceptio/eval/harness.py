@@ -77,7 +77,8 @@ class EvalSettings:
         split: the split (refcoco: val/testA/testB/test; blink: val/test; depth with a world: its split).
         dataset: refcoco, refcoco+ or refcocog (refcoco only).
         image_root: images, when not found next to the annotations.
-        limit: only the first N samples (MMBench: the first N questions with all their circular copies).
+        limit: only the first N samples (MMBench: the first N questions with all their circular copies;
+            HardBLINK/BLINK: N questions spread evenly over the point counts).
         batch_size: prompts per generation batch.
         resume: keep the samples already in ``predictions.jsonl``.
         spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
@@ -137,7 +138,24 @@ def load_task_samples(settings: EvalSettings) -> list[Sample]:
     if settings.limit is not None and task == "mmbench":  # whole questions: every circular copy of the first N
         kept = set(list(dict.fromkeys(s.meta["g_index"] for s in samples))[: settings.limit])
         return [s for s in samples if s.meta["g_index"] in kept]
+    if settings.limit is not None and task in ("hardblink", "blink"):
+        return _balanced_by_points(samples, settings.limit)
     return samples[: settings.limit] if settings.limit is not None else samples
+
+
+def _balanced_by_points(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most ``limit`` questions taken round-robin over the point counts, in the original order within each
+    count: the readers order questions by point count, so a plain prefix would drop whole counts."""
+    groups: dict[int, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(len(sample.points), []).append(sample)
+    kept: set[int] = set()  # positions in ``samples``
+    position = {id(sample): k for k, sample in enumerate(samples)}
+    for rank in range(max(len(group) for group in groups.values()) if groups else 0):
+        for _, group in sorted(groups.items()):
+            if rank < len(group) and len(kept) < limit:
+                kept.add(position[id(group[rank])])
+    return [samples[k] for k in sorted(kept)]
 
 
 def _prompt(task: str, sample: Sample, model: PerceptioForConditionalGeneration) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,10 +78,12 @@ class SpatialCotConfig:
     segmenter_steps: int = 1500
     eval_limit: int | None = 300
     """Samples per (task, split) evaluated (None: all)."""
-    jobs: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    jobs: int = field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))))
     """Processes at once (one thread each)."""
     arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
     progress: bool = True
+    command: str | None = None
+    """The command line that started the experiment, recorded with the results."""
 
     def __post_init__(self) -> None:
         known = {arm.name for arm in ARMS}
@@ -103,8 +106,15 @@ class _Job:
     progress: Callable[[], str] = lambda: ""
 
 
+def _tail(path: Path, lines: int = 15) -> list[str]:
+    """The last non-empty lines of a log (progress-bar carriage returns split into lines)."""
+    text = path.read_text(errors="replace").replace("\r", "\n") if path.is_file() else ""
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
 def _run_jobs(jobs: list[_Job], parallel: int, echo: Callable[[str], None]) -> None:
-    """Run the unfinished jobs, ``parallel`` at a time, one thread each; report progress every 30 s."""
+    """Run the unfinished jobs, ``parallel`` at a time, one thread each; report progress every 30 s. Logs are
+    appended to (an interrupted job's log is kept); on an error or Ctrl-C the running jobs are stopped."""
     pending = [job for job in jobs if not job.done()]
     for job in jobs:
         if job not in pending:
@@ -113,30 +123,38 @@ def _run_jobs(jobs: list[_Job], parallel: int, echo: Callable[[str], None]) -> N
     running: list[tuple[_Job, subprocess.Popen, Any]] = []
     failed: list[str] = []
     last_report = time.monotonic()
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            handle = job.log.open("w")
-            echo(f"  {job.name}: started (log {job.log})")
-            running.append(
-                (job, subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
-            )
-        time.sleep(2)
-        for item in list(running):
-            job, process, handle = item
-            if process.poll() is None:
-                continue
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                handle = job.log.open("a")
+                handle.write(f"\n$ {' '.join(job.command)}\n")
+                handle.flush()
+                echo(f"  {job.name}: started (log {job.log})")
+                process = subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running.append((job, process, handle))
+            time.sleep(2)
+            for item in list(running):
+                job, process, handle = item
+                if process.poll() is None:
+                    continue
+                handle.close()
+                running.remove(item)
+                if process.returncode != 0 or not job.done():
+                    failed.append(job.name)
+                    echo(f"  {job.name}: FAILED (exit {process.returncode}); the end of {job.log}:")
+                    echo("    " + "\n    ".join(_tail(job.log)))
+                else:
+                    echo(f"  {job.name}: done")
+            if running and time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _, _ in running))
+    finally:
+        for _, process, handle in running:  # only on an exception: stop what is still running
+            process.terminate()
+            process.wait()
             handle.close()
-            running.remove(item)
-            if process.returncode != 0 or not job.done():
-                failed.append(job.name)
-                echo(f"  {job.name}: FAILED (exit {process.returncode}); see {job.log}")
-            else:
-                echo(f"  {job.name}: done")
-        if running and time.monotonic() - last_report > 30:
-            last_report = time.monotonic()
-            echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _, _ in running))
     if failed:
         raise RuntimeError(f"{len(failed)} job(s) failed: {', '.join(failed)}; their logs name the cause")
 
@@ -149,16 +167,15 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _train_command(config: SpatialCotConfig, overrides: list[str], out_dir: Path) -> list[str]:
-    resume = ["--resume"] if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()) else []
-    overwrite = [] if resume else ["--overwrite"]
-    return [sys.executable, "-m", "perceptio", "train", "-c", str(config.recipe), *overrides, *resume, *overwrite]
+    from perceptio.train.checkpoint import latest_checkpoint
+
+    flag = "--resume" if out_dir.is_dir() and latest_checkpoint(out_dir) is not None else "--overwrite"
+    return [sys.executable, "-m", "perceptio", "train", "-c", str(config.recipe), *overrides, flag]
 
 
-def _base_overrides(config: SpatialCotConfig, qs: QuickstartConfig) -> list[str]:
-    out = Path(qs.out)
-    preset = [f"model.preset={config.preset}"]
+def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
     return [
-        *preset,
+        f"model.preset={config.preset}",
         f"data.root={out / 'world'}",
         f"model.depth_tokenizer={out / 'tokenizer'}",
         f"model.segmenter_weights={out / 'segmenter'}",
@@ -168,32 +185,38 @@ def _base_overrides(config: SpatialCotConfig, qs: QuickstartConfig) -> list[str]
     ]
 
 
-def _probe_steps(config: SpatialCotConfig, base: list[str], echo: Callable[[str], None]) -> tuple[int, float]:
-    """Steps of the spatial arm in ``budget_minutes`` on one thread, from a short timed run."""
-    probe = Path(config.out) / "probe"
-    record = probe / "probe.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        return int(saved["steps_per_budget"]), float(saved["steps_per_s"])
-    steps = 40
-    command = _train_command(
-        config,
-        [*base, f"run.out_dir={probe}", f"run.steps={steps}", "run.log_every=10", "run.checkpoint_every=0"],
-        probe,
-    )
-    _run_jobs([_Job("probe", command, probe / "train.log", lambda: (probe / "model").is_dir())], 1, echo)
+def _fresh(folder: Path, payload: Any) -> None:
+    """Make ``folder`` hold work done with ``payload`` (the settings, next to it as ``<folder>.settings.json``):
+    kept when the settings are the same (finished or resumable), emptied when they changed."""
+    stamp = folder.with_name(folder.name + ".settings.json")
+    text = json.dumps(payload, sort_keys=True, default=str)
+    if not (stamp.is_file() and stamp.read_text() == text):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(text)
+
+
+def _probe_rate(config: SpatialCotConfig, base: list[str], upstream: str, echo: Callable[[str], None]) -> float:
+    """Steps per second of the spatial arm on one thread, from a short timed run (its first log window, which
+    holds the start-up costs, is left out)."""
     from perceptio.utils.jsonl import read_jsonl
 
+    probe = Path(config.out) / "probe"
+    overrides = [*base, f"run.out_dir={probe}", "run.steps=40", "run.log_every=10", "run.checkpoint_every=0"]
+    _fresh(probe, {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream})
+    finished = lambda: (probe / "model" / "model.safetensors").is_file()  # noqa: E731
+    _run_jobs([_Job("probe", _train_command(config, overrides, probe), probe / "train.log", finished)], 1, echo)
     logs = read_jsonl(probe / "train_log.jsonl")
-    first, last = logs[0], logs[-1]  # the first window holds start-up costs: time from there on
-    rate = (last["step"] - first["step"]) / max(1e-6, last["seconds"] - first["seconds"])
-    budget_steps = max(1, int(rate * 60 * config.budget_minutes))
-    record.write_text(json.dumps({"steps_per_s": rate, "steps_per_budget": budget_steps}, indent=2) + "\n")
-    return budget_steps, rate
+    first, last = logs[0], logs[-1]
+    return (last["step"] - first["step"]) / max(1e-6, last["seconds"] - first["seconds"])
 
 
 def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the experiment; returns the results (also written to ``results.json`` / ``results.md``)."""
+    """Run (or resume) the experiment; returns the results (also written to ``results.json`` / ``results.md``).
+
+    Each training run and evaluation keeps its settings next to its folder: a repeated command reuses finished
+    work and resumes interrupted training; changed settings (or a changed world, tokenizer or segmenter) redo
+    the affected runs from scratch."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -207,15 +230,18 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
     )
     echo("[1/4] world, depth tokenizer and pretrained segmenter")
     run_quickstart(qs, echo=lambda line: echo("  " + line), until="segmenter")
-    base = _base_overrides(config, qs)
+    upstream = json.loads((out / "stages.json").read_text())["segmenter"]["digest"]  # chains world and tokenizer
+    base = _base_overrides(config, out)
     if config.steps is not None:
         steps, rate = config.steps, None
     else:
         echo(f"[2/4] measuring the spatial arm's speed for a {config.budget_minutes:g}-minute budget")
-        steps, rate = _probe_steps(config, base, echo)
+        rate = _probe_rate(config, base, upstream, echo)
+        steps = max(1, int(rate * 60 * config.budget_minutes))
     echo(f"[2/4] every arm trains {steps} steps" + (f" (spatial arm: {rate:.2f} steps/s)" if rate else ""))
     arms = [arm for arm in ARMS if arm.name in config.arms]
     runs: dict[tuple[str, int], Path] = {}
+    trained: dict[tuple[str, int], dict[str, Any]] = {}
     jobs = []
     for seed in range(config.seeds):
         for arm in arms:
@@ -230,12 +256,14 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
                 f"model.seed={seed}",
                 f"run.checkpoint_every={max(50, steps // 4)}",
             ]
+            trained[(arm.name, seed)] = {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream}
+            _fresh(run_dir, trained[(arm.name, seed)])
             jobs.append(
                 _Job(
                     f"train {arm.name} seed {seed}",
                     _train_command(config, overrides, run_dir),
                     run_dir.parent / f"{run_dir.name}.train.log",
-                    done=lambda d=run_dir: (d / "model" / "config.json").is_file(),
+                    done=lambda d=run_dir: (d / "model" / "model.safetensors").is_file() and _last_step(d) >= steps,
                     progress=lambda d=run_dir: f"step {_last_step(d)}/{steps}",
                 )
             )
@@ -251,6 +279,8 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
         for task, data, splits in EVALS:
             for split in splits:
                 target = run_dir / "eval" / f"{task}_{split}"
+                # The direct arm bans the depth span, not the segmentation token its masks come from.
+                spatial = arm.spatial or task == "refcoco"
                 command = [
                     sys.executable, "-m", "perceptio", "eval", task,
                     "--model", str(run_dir / "model"),
@@ -258,18 +288,18 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
                     "--out", str(target),
                     "--split", split,
                     "--no-constrain",
-                    "--spatial-cot" if arm.spatial else "--no-spatial-cot",
-                    "--resume",
+                    "--spatial-cot" if spatial else "--no-spatial-cot",
                     "--batch-size", "16",
                 ]  # fmt: skip
                 if task in ("refcoco", "vqa"):
                     command += ["--image-root", str(world / "images")]
                 if config.eval_limit is not None:
                     command += ["--limit", str(config.eval_limit)]
+                _fresh(target, {"command": command, "model": trained[(arm_name, seed)]})
                 eval_jobs.append(
                     _Job(
                         f"eval {arm_name} seed {seed} {task} {split}",
-                        command,
+                        [*command, "--resume"],
                         target.parent / f"{task}_{split}.log",
                         done=lambda t=target: (t / "metrics.json").is_file(),
                     )
@@ -320,7 +350,7 @@ def _collect(
             merged: dict[str, Any] = {}
             for key in seeds[0]:
                 values = [s[key] for s in seeds if s[key] is not None]
-                merged[key] = {
+                merged[key] = {  # a seed without the figure (e.g. no span written) is listed as None
                     "mean": statistics.fmean(values) if values else None,
                     "sd": statistics.stdev(values) if len(values) > 1 else None,
                     "per_seed": [s[key] for s in seeds],
@@ -348,7 +378,7 @@ def _collect(
         majority[split] = {str(n): max(c.values()) / sum(c.values()) for n, c in sorted(counts.items())}
     return {
         "majority_answer": majority,
-        "command": "perceptio experiment spatial-cot " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else None,
+        "command": config.command,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "steps": steps,
         "spatial_steps_per_s": rate,
