@@ -369,9 +369,11 @@ def _collect(
         from collections import Counter
 
         from perceptio.data.readers import read_hardblink
+        from perceptio.eval.harness import _balanced_by_points
 
         questions = read_hardblink(Path(config.out) / "world" / "hardblink" / split)
-        questions = questions[: config.eval_limit] if config.eval_limit is not None else questions
+        if config.eval_limit is not None:  # the questions the arms were evaluated on
+            questions = _balanced_by_points(questions, config.eval_limit)
         counts: dict[int, Counter] = {}
         for q in questions:
             counts.setdefault(len(q.points), Counter())[q.answer] += 1
