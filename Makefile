@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/evaluation.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/quickstart.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

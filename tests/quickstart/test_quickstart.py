@@ -213,3 +213,20 @@ def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) ->
     assert "train spatial seed 0: finished earlier, reusing" in changed.output
     assert "eval spatial seed 0 vqa val: started" in changed.output
     assert json.loads((evals / "vqa_val" / "metrics.json").read_text())["metrics"]["count"] == 1
+
+
+def test_quickstart_names_a_wrong_recipe_key_before_doing_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    result = runner.invoke(app, ["quickstart", "--out", str(out), "--recipe", str(RECIPE), "run.stepz=3"])
+    assert result.exit_code != 0 and "run.stepz" in result.output and "steps" in result.output
+    assert not (out / "world").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--arms", "spatial,bogus"], "unknown arm(s) ['bogus']"), (["--recipe", "nope.yaml"], "nope.yaml not found")],
+)
+def test_spatial_cot_names_bad_options(extra: list[str], message: str, tmp_path: Path) -> None:
+    args = ["experiment", "spatial-cot", "--out", str(tmp_path / "exp"), "--steps", "1", "--recipe", str(RECIPE)]
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code != 0 and message in result.output
