@@ -266,23 +266,11 @@ def _tokenizer(config: QuickstartConfig, paths: dict[str, Path], resume: bool) -
     )
 
 
-def _sam_config():  # noqa: ANN202 - Sam2Config
-    from perceptio.models import PRESETS
-
-    preset = PRESETS["tiny"]
-    return preset.config(preset.text_tokenizer()).segmenter_config
-
-
 def _segmenter(config: QuickstartConfig, paths: dict[str, Path]) -> None:
-    from perceptio.data.readers import read_refer
-    from perceptio.train.segmenter import SegmenterPretrainConfig, load_objects, pretrain_segmenter
+    from perceptio.train.segmenter import SegmenterPretrainConfig, pretrain_on_refer
 
-    sam_config = _sam_config()
-    size = sam_config.prompt_encoder_config.image_size
-    world = paths["world"]
-    objects = load_objects(read_refer(world, "refcoco", split="train", image_root=world / "images"), size)
     train_config = SegmenterPretrainConfig(steps=config.segmenter_steps, batch_size=config.segmenter_batch_size)
-    pretrain_segmenter(objects, sam_config, train_config, paths["segmenter"], progress=config.progress)
+    pretrain_on_refer(paths["world"], paths["segmenter"], train_config, progress=config.progress)
 
 
 def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 - TrainConfig

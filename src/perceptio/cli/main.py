@@ -353,27 +353,13 @@ def segmenter_pretrain(
 ) -> None:
     """Train a SAM2 on object masks with point/box prompts; report its point-prompted cIoU on the val split."""
     from perceptio.data.errors import DataError
-    from perceptio.data.readers import read_refer
-    from perceptio.models import PRESETS
-    from perceptio.train.segmenter import SegmenterPretrainConfig, load_objects, point_prompt_ciou, pretrain_segmenter
+    from perceptio.train.segmenter import SegmenterPretrainConfig, pretrain_on_refer
 
-    if preset not in PRESETS or PRESETS[preset].config is None:
-        _fail(f"preset {preset!r} has no segmenter config to pretrain; use tiny")
-    sam_config = PRESETS[preset].config(PRESETS[preset].text_tokenizer()).segmenter_config
-    size = sam_config.prompt_encoder_config.image_size
-    images = image_root or ((data / "images") if (data / "images").is_dir() else None)
     try:
-        train_objects = load_objects(read_refer(data, "refcoco", split="train", image_root=images), size)
-        val_objects = load_objects(read_refer(data, "refcoco", split="val", image_root=images), size, distinct=False)
         config = SegmenterPretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-        sam = pretrain_segmenter(train_objects, sam_config, config, out)
+        reference = pretrain_on_refer(data, out, config, preset=preset, image_root=image_root)
     except (DataError, ValueError) as err:
         _fail(str(err))
-    reference = point_prompt_ciou(sam, val_objects)
-    summary_path = out / "pretraining.json"
-    summary = json.loads(summary_path.read_text())
-    summary["val_point_prompt"] = reference
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(
         f"saved the segmenter to {out}; point-prompted val cIoU {reference['ciou']:.3f}, gIoU {reference['giou']:.3f} "
         f"({reference['objects']} expressions)"

@@ -139,11 +139,11 @@ def load_task_samples(settings: EvalSettings) -> list[Sample]:
         kept = set(list(dict.fromkeys(s.meta["g_index"] for s in samples))[: settings.limit])
         return [s for s in samples if s.meta["g_index"] in kept]
     if settings.limit is not None and task in ("hardblink", "blink"):
-        return _balanced_by_points(samples, settings.limit)
+        return balance_point_counts(samples, settings.limit)
     return samples[: settings.limit] if settings.limit is not None else samples
 
 
-def _balanced_by_points(samples: list[Sample], limit: int) -> list[Sample]:
+def balance_point_counts(samples: list[Sample], limit: int) -> list[Sample]:
     """At most ``limit`` questions taken round-robin over the point counts, in the original order within each
     count: the readers order questions by point count, so a plain prefix would drop whole counts."""
     groups: dict[int, list[Sample]] = {}

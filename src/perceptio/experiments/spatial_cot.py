@@ -26,12 +26,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perceptio.data.readers import read_hardblink
+from perceptio.eval.harness import balance_point_counts
 from perceptio.quickstart import QuickstartConfig, run_quickstart
+from perceptio.train.checkpoint import latest_checkpoint
+from perceptio.utils.jsonl import read_jsonl
 
 __all__ = ["ARMS", "Arm", "SpatialCotConfig", "run_spatial_cot"]
 
@@ -160,15 +165,11 @@ def _run_jobs(jobs: list[_Job], parallel: int, echo: Callable[[str], None]) -> N
 
 
 def _last_step(run_dir: Path) -> int:
-    from perceptio.utils.jsonl import read_jsonl
-
     logs = read_jsonl(run_dir / "train_log.jsonl") if (run_dir / "train_log.jsonl").is_file() else []
     return int(logs[-1]["step"]) if logs else 0
 
 
 def _train_command(config: SpatialCotConfig, overrides: list[str], out_dir: Path) -> list[str]:
-    from perceptio.train.checkpoint import latest_checkpoint
-
     flag = "--resume" if out_dir.is_dir() and latest_checkpoint(out_dir) is not None else "--overwrite"
     return [sys.executable, "-m", "perceptio", "train", "-c", str(config.recipe), *overrides, flag]
 
@@ -199,8 +200,6 @@ def _fresh(folder: Path, payload: Any) -> None:
 def _probe_rate(config: SpatialCotConfig, base: list[str], upstream: str, echo: Callable[[str], None]) -> float:
     """Steps per second of the spatial arm on one thread, from a short timed run (its first log window, which
     holds the start-up costs, is left out)."""
-    from perceptio.utils.jsonl import read_jsonl
-
     probe = Path(config.out) / "probe"
     overrides = [*base, f"run.out_dir={probe}", "run.steps=40", "run.log_every=10", "run.checkpoint_every=0"]
     _fresh(probe, {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream})
@@ -358,22 +357,14 @@ def _collect(
             per_split[split] = merged
         walls = []
         for s in range(config.seeds):
-            logs = runs[(arm.name, s)] / "train_log.jsonl"
-            from perceptio.utils.jsonl import read_jsonl
-
-            records = read_jsonl(logs)
+            records = read_jsonl(runs[(arm.name, s)] / "train_log.jsonl")
             walls.append(records[-1]["seconds"] if records else None)
         table[arm.name] = {"description": arm.description, "train_seconds": walls, "splits": per_split}
     majority = {}
     for split in ("val", "test"):
-        from collections import Counter
-
-        from perceptio.data.readers import read_hardblink
-        from perceptio.eval.harness import _balanced_by_points
-
         questions = read_hardblink(Path(config.out) / "world" / "hardblink" / split)
         if config.eval_limit is not None:  # the questions the arms were evaluated on
-            questions = _balanced_by_points(questions, config.eval_limit)
+            questions = balance_point_counts(questions, config.eval_limit)
         counts: dict[int, Counter] = {}
         for q in questions:
             counts.setdefault(len(q.points), Counter())[q.answer] += 1

@@ -27,7 +27,14 @@ from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["SegmenterPretrainConfig", "load_objects", "point_prompt_ciou", "pretrain_segmenter"]
+__all__ = [
+    "SegmenterPretrainConfig",
+    "load_objects",
+    "point_prompt_ciou",
+    "preset_segmenter_config",
+    "pretrain_on_refer",
+    "pretrain_segmenter",
+]
 
 
 @dataclass(frozen=True)
@@ -193,3 +200,40 @@ def point_prompt_ciou(sam: Sam2Model, objects: _Objects, *, batch_size: int = 64
             meter.add([full.numpy() > 0], target)
     result = meter.result()
     return {"ciou": result["ciou"], "giou": result["giou"], "objects": result["count"]}
+
+
+def preset_segmenter_config(preset: str = "tiny") -> Sam2Config:
+    """The SAM2 configuration of a random-weight model preset (the architecture to pretrain)."""
+    from perceptio.models import PRESETS
+
+    if preset not in PRESETS or PRESETS[preset].config is None:
+        raise ValueError(f"preset {preset!r} has no segmenter config to pretrain; use tiny")
+    return PRESETS[preset].config(PRESETS[preset].text_tokenizer()).segmenter_config
+
+
+def pretrain_on_refer(
+    root: str | Path,
+    out_dir: str | Path,
+    config: SegmenterPretrainConfig,
+    *,
+    preset: str = "tiny",
+    image_root: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Pretrain a preset's SAM2 on the train split of a refer root (e.g. a synthetic world), save it to
+    ``out_dir`` and add its point-prompted cIoU / gIoU on the val split to ``pretraining.json``; returns those."""
+    from perceptio.data.readers import read_refer
+
+    root = Path(root)
+    sam_config = preset_segmenter_config(preset)
+    size = sam_config.prompt_encoder_config.image_size
+    images = image_root or ((root / "images") if (root / "images").is_dir() else None)
+    train_objects = load_objects(read_refer(root, "refcoco", split="train", image_root=images), size)
+    val_objects = load_objects(read_refer(root, "refcoco", split="val", image_root=images), size, distinct=False)
+    sam = pretrain_segmenter(train_objects, sam_config, config, out_dir, progress=progress)
+    reference = point_prompt_ciou(sam, val_objects)
+    summary_path = Path(out_dir) / "pretraining.json"
+    summary = json.loads(summary_path.read_text())
+    summary["val_point_prompt"] = reference
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return reference
