@@ -62,12 +62,36 @@ class QuickstartConfig:
     gallery: int = 4
     """Val images in the gallery (each gets a segmentation, a depth and a question prompt)."""
     progress: bool = True
+    base: Path | None = field(default_factory=lambda: _default_base())
+    """The pretrained tiny base Perceptio is fine-tuned from (default: the one shipped with the package); None
+    trains from random weights (``--from-scratch``)."""
 
     def __post_init__(self) -> None:
         if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
             raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
         if self.gallery < 0 or self.eval_batch_size < 1 or (self.eval_limit is not None and self.eval_limit < 1):
             raise ValueError("gallery must be >= 0, eval_batch_size >= 1 and eval_limit >= 1 (or None)")
+
+
+def _default_base() -> Path | None:
+    from perceptio.weights import shipped
+
+    try:
+        return shipped("tiny-base")
+    except FileNotFoundError:
+        return None
+
+
+def _base_fingerprint(base: Path | None) -> str | None:
+    """What identifies a base in the stage digests: its checksums (a retrained base retrains the model)."""
+    if base is None:
+        return None
+    sums = Path(base) / "SHA256SUMS"
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the base model {base} has no config.json; make one with `perceptio pretrain` or pass --from-scratch"
+        )
+    return sums.read_text() if sums.is_file() else str(Path(base).resolve())
 
 
 @dataclass(frozen=True)
@@ -90,7 +114,7 @@ def _seg_target(m: dict[str, Any]) -> tuple[str, bool | None]:
     if ciou is None:
         return "n/a", None
     share = ciou / ref if ref else float("nan")
-    return f"cIoU {ciou:.3f}; {_fmt(share, True)} of point-prompted {ref:.3f}", bool(ciou >= 0.5 and share >= 0.8)
+    return f"cIoU {ciou:.3f}; {_fmt(share, True)} of point-prompted {ref:.3f}", bool(share >= 0.7)
 
 
 def _span_target(m: dict[str, Any]) -> tuple[str, bool | None]:
@@ -122,16 +146,26 @@ def _relative_target(m: dict[str, Any]) -> tuple[str, bool | None]:
     for n in sorted(base, key=int):
         acc = _point_accuracy(m, n)
         parts.append(f"{n} pts {_fmt(acc, True)} vs {_fmt(base[n], True)}")
-        ok &= acc is not None and acc > base[n]
+        ok &= acc is not None and acc >= base[n] + 0.15
     return "; ".join(parts), bool(ok)
 
 
+def _image_use_target(m: dict[str, Any]) -> tuple[str, bool | None]:
+    gaps = {name: entry["gap"] for name, entry in (m.get("image_use") or {}).items()}
+    if not gaps:
+        return "n/a", None
+    return "; ".join(f"{name} {gap:+.3f}" for name, gap in gaps.items()), all(g > 0 for g in gaps.values())
+
+
 TARGETS = (
-    Target("referring segmentation", "cIoU >= 0.5 and >= 80 % of the point-prompted SAM2", _seg_target),
+    Target("referring segmentation", "cIoU >= 70 % of the point-prompted SAM2", _seg_target),
     Target("spatial spans", "100 % well-formed (unconstrained decoding)", _span_target),
     Target("depth", "decoded-span AbsRel well below (<= 0.75x) the mean-map baseline", _depth_target),
     Target("VQA", "accuracy >= 70 %", _vqa_target),
-    Target("relative depth", "above the majority answer for every point count", _relative_target),
+    Target("relative depth", ">= the majority answer + 15 pts for every point count", _relative_target),
+    Target(
+        "image use", "val loss with shuffled images minus with the right ones > 0 for every task", _image_use_target
+    ),
 )
 
 
@@ -143,10 +177,11 @@ class _Stages:
 
     path: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order: tuple[str, ...] = STAGES
 
     @classmethod
-    def load(cls, path: Path) -> _Stages:
-        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+    def load(cls, path: Path, order: tuple[str, ...] = STAGES) -> _Stages:
+        return cls(path, json.loads(path.read_text()) if path.is_file() else {}, order)
 
     def done(self, name: str, digest: str) -> bool:
         record = self.records.get(name, {})
@@ -157,7 +192,7 @@ class _Stages:
         return record.get("digest") == digest and record.get("status") == "running"
 
     def start(self, name: str, digest: str) -> None:
-        for later in STAGES[STAGES.index(name) + 1 :]:
+        for later in self.order[self.order.index(name) + 1 :]:
             self.records.pop(later, None)
         self.records[name] = {"digest": digest, "status": "running"}
         self._write()
@@ -197,7 +232,7 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
         "world": (config.num_images, config.world_seed, config.image_size),
         "tokenizer": (config.tokenizer_steps,),
         "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
-        "train": (asdict(recipe),),
+        "train": (asdict(recipe), _base_fingerprint(config.base)),
         "eval": (config.eval_limit, EVAL_TASKS, SPAN_TASKS),
         "predictions": (config.gallery,),
         "report": (time.time(),),  # always rewritten: it is cheap
@@ -283,6 +318,8 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
         f"model.segmenter_weights={paths['segmenter']}",
         f"run.out_dir={paths['train']}",
     ]
+    if config.base is not None:  # fine-tune from the pretrained base, as the paper fine-tunes from InternVL
+        pointed += ["model.preset=null", f"model.init={config.base}"]
     return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
 
 
@@ -336,10 +373,22 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
         settings = _eval_settings(config, paths, task, constrain=False)
         metrics[f"{task}_unconstrained"] = run_eval(settings, progress=config.progress, model=model)
     metrics["reference"] = _references(config, paths, samples)
+    metrics["image_use"] = _image_use(config, paths, model)
     loose = [metrics[f"{t}_unconstrained"] for t in SPAN_TASKS if metrics[f"{t}_unconstrained"]["count"]]
     total = sum(m["count"] for m in loose)
     metrics["well_formed_rate"] = sum(m["well_formed_rate"] * m["count"] for m in loose) / total if total else None
     (paths["eval"] / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _image_use(config: QuickstartConfig, paths: dict[str, Path], model_and_processor: tuple) -> dict[str, Any]:
+    """The image-use gap of every task of the recipe's eval datasets (val split; see perceptio.eval.image_use)."""
+    from perceptio.eval.image_use import image_use_gap
+    from perceptio.train.data import TrainingData
+
+    recipe = _recipe(config, paths)
+    model, processor = model_and_processor
+    data = TrainingData.from_config(recipe.data, model.depth_tokenizer, specs=recipe.eval.datasets, progress=False)
+    return image_use_gap(model, processor, data, samples=config.eval_limit or 64)
 
 
 def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[str, list]) -> dict[str, Any]:
@@ -532,6 +581,9 @@ def _report_text(
         "spatial spans is measured with a second, unconstrained pass. A missing mask or span scores as empty or "
         "flat, never skipped.",
         "",
+        "Started from: "
+        + (f"the pretrained tiny base `{config.base}`." if config.base else "random weights (--from-scratch)."),
+        "",
         "## Targets",
         "",
         "| target | measured | goal | met |",
@@ -575,6 +627,20 @@ def _report_text(
         f"{_fmt(loose.get('abs_rel_decoded'))} over its {_fmt(loose.get('decoded_rate'), True)} well-formed spans |",
         "",
         "Depth metrics are computed on normalised inverse depth (1 = nearest) at the tokenizer's resolution.",
+        "",
+        "## Image use",
+        "",
+        "Teacher-forced val loss of each task with the right images and with the images shuffled across the batch; "
+        "the gap is zero when the model does not use the image.",
+        "",
+        "| task | examples | loss (right images) | loss (shuffled) | gap | largest term gaps |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {e['count']} | {e['real']['loss']:.3f} | {e['shuffled']['loss']:.3f} | {e['gap']:+.3f} | "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(e["gap_terms"].items(), key=lambda kv: -abs(kv[1]))[:3])
+            + " |"
+            for name, e in (summary.get("image_use") or {}).items()
+        ],
         "",
         "## Loss curves",
         "",

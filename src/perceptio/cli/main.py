@@ -566,9 +566,15 @@ def quickstart(
         int | None, typer.Option(min=1, help="Evaluate only the first N samples of each task.")
     ] = None,
     gallery: Annotated[int, typer.Option(min=0, help="Val images in the report's gallery.")] = 4,
+    base: Annotated[
+        Path | None, typer.Option(help="The pretrained base to fine-tune from (default: the shipped tiny base).")
+    ] = None,
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Train Perceptio from random weights instead of the base.")
+    ] = False,
 ) -> None:
-    """The main job, end to end: render the synthetic world, pretrain the tiny SAM2 and depth tokenizer, train the
-    tiny Perceptio model, evaluate it on the val split, predict a few images and write a report.
+    """The main job, end to end: render the synthetic world, pretrain the tiny SAM2 and depth tokenizer, fine-tune
+    Perceptio from the pretrained tiny base, evaluate it on the val split, predict a few images and write a report.
 
     Finished stages are reused: a second run only redoes what changed (and what follows it).
     """
@@ -590,7 +596,11 @@ def quickstart(
             segmenter_steps=segmenter_steps,
             eval_limit=eval_limit,
             gallery=gallery,
+            **({"base": None} if from_scratch else {"base": base} if base is not None else {}),
         )
+        if from_scratch and base is not None:
+            _fail("--base and --from-scratch exclude each other")
+        typer.echo(f"starting from {config.base or 'random weights (--from-scratch)'}")
         report = run_quickstart(config, echo=typer.echo)
     except (
         ConfigError,
@@ -660,6 +670,95 @@ def experiment_spatial_cot(
             **({"jobs": jobs} if jobs else {}),
         )
         run_spatial_cot(config, echo=typer.echo)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"results in {out / 'results.md'} and {out / 'results.json'}")
+
+
+@app.command()
+def pretrain(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides of the base recipe, e.g. run.steps=2000.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Run folder; the base model is written to OUT/base.")] = Path("runs/base"),
+    recipe: Annotated[Path, typer.Option(help="The base recipe.")] = Path("configs/tiny_base.yaml"),
+    num_images: Annotated[int, typer.Option(min=10, help="Images in the pretraining world.")] = 20000,
+    world_seed: Annotated[int, typer.Option(help="Seed of the pretraining world (not the quickstart's 0).")] = 1,
+    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
+    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
+) -> None:
+    """Pretrain the tiny base (the tiny counterpart of pretrained InternVL + SAM2): render a large world, train the
+    depth tokenizer and SAM2, then the VLM on text-only alignment tasks; write OUT/base with its model card.
+
+    Resumable: run the same command again after an interruption.
+    """
+    from perceptio.config import ConfigError
+    from perceptio.data.errors import DataError
+    from perceptio.pretrain import PretrainConfig, run_pretrain
+
+    if not recipe.is_file():
+        _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
+    command = (
+        f"perceptio pretrain --out {out} --recipe {recipe} --num-images {num_images} --world-seed {world_seed} "
+        f"--tokenizer-steps {tokenizer_steps} --segmenter-steps {segmenter_steps}"
+        + "".join(f" {o}" for o in overrides or [])
+    )
+    try:
+        config = PretrainConfig(
+            out=out,
+            recipe=recipe,
+            overrides=tuple(overrides or ()),
+            num_images=num_images,
+            world_seed=world_seed,
+            tokenizer_steps=tokenizer_steps,
+            segmenter_steps=segmenter_steps,
+            command=command,
+        )
+        base = run_pretrain(config, echo=typer.echo)
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+        _fail(str(err).strip('"'))
+    typer.echo(f"base model: {base} (model card: {base / 'MODEL_CARD.md'})")
+
+
+@experiment_app.command("grounding")
+def experiment_grounding(
+    out: Annotated[Path, typer.Option(help="Experiment folder (finished jobs are reused).")],
+    world: Annotated[
+        Path | None, typer.Option(help="A rendered world (perceptio data synth); levels L2-L4 read its VQA.")
+    ] = None,
+    levels: Annotated[str, typer.Option(help="Comma-separated levels: L0,L1,L2,L3,L4.")] = "L0,L1,L2,L3,L4",
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms: baseline, center, standardize, vinit, standardize+vinit.")
+    ] = "baseline,center,standardize",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per level and arm.")] = 600,
+    eval_every: Annotated[int, typer.Option(min=1, help="Steps between validation points of the curve.")] = 200,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per (level, arm).")] = 1,
+    train_images: Annotated[int, typer.Option(min=2, help="Training questions per level.")] = 2000,
+    val_images: Annotated[int, typer.Option(min=2, help="Validation questions per level.")] = 300,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (warm-up, cosine).")] = 1e-3,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Processes at once (default: the number of cores).")] = None,
+) -> None:
+    """The grounding ladder: train the tiny model on one capability at a time (whole-image colour, a small
+    object's colour, binding, left/right, count) for each arm (model options), and report accuracy, the answer
+    prior and the image-use gap (val loss with shuffled images minus with the right ones)."""
+    from perceptio.experiments.grounding import GroundingConfig, run_grounding
+
+    try:
+        config = GroundingConfig(
+            out=out,
+            world=world,
+            levels=tuple(x.strip() for x in levels.split(",") if x.strip()),
+            arms=tuple(x.strip() for x in arms.split(",") if x.strip()),
+            steps=steps,
+            eval_every=eval_every,
+            seeds=seeds,
+            train_images=train_images,
+            val_images=val_images,
+            lr=lr,
+            **({"jobs": jobs} if jobs else {}),
+        )
+        run_grounding(config, echo=typer.echo)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo((out / "results.md").read_text())

@@ -25,21 +25,39 @@ from perceptio.models.presets import PRESETS
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
 
-__all__ = ["build_preset", "from_components", "load_model", "save_model"]
+__all__ = ["BUILD_OPTIONS", "build_preset", "from_components", "load_model", "save_model"]
 
 
-def build_preset(name: str = "tiny", *, seed: int = 0) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
-    """A randomly initialised model of a named preset, with its text tokenizer registered, and its processor."""
+def build_preset(
+    name: str = "tiny", *, seed: int = 0, **options: object
+) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """A randomly initialised model of a named preset, with its text tokenizer registered, and its processor.
+
+    ``options`` set ``PerceptioConfig`` fields (e.g. ``image_token_norm="none"``) before the model is built."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
     preset = PRESETS[name]
     if preset.build is not None:  # presets with pretrained parts build themselves (config comes with the weights)
-        return preset.build(seed)
+        return preset.build(seed, **options)
     text_tokenizer = preset.text_tokenizer()
+    config = preset.config(text_tokenizer)
+    if options:
+        config = PerceptioConfig.from_dict({**config.to_dict(), **_checked_options(options)})
     torch.manual_seed(seed)
-    model = PerceptioForConditionalGeneration(preset.config(text_tokenizer))
+    model = PerceptioForConditionalGeneration(config)
     model.register_text_tokenizer(text_tokenizer)
     return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
+
+
+#: ``PerceptioConfig`` fields a recipe or caller may set when a model is built (not the architecture's sizes).
+BUILD_OPTIONS = ("image_token_norm", "vision_init_std")
+
+
+def _checked_options(options: dict[str, object]) -> dict[str, object]:
+    unknown = sorted(set(options) - set(BUILD_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; the options are {list(BUILD_OPTIONS)}")
+    return dict(options)
 
 
 def _require_checkpoint(path: Path, what: str) -> Path:
@@ -59,8 +77,12 @@ def from_components(
     *,
     depth_tokenizer_preset: str = "aurora",
     dtype: torch.dtype | None = None,
+    **options: object,
 ) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
     """Compose Perceptio from pretrained InternVL and SAM2 checkpoints (and a depth tokenizer) on disk.
+
+    ``options`` set ``PerceptioConfig`` fields such as ``image_token_norm`` (default ``"none"``: a pretrained
+    projector's tokens reach the language model as they are).
 
     Returns:
         The model (perception tokens registered, embeddings resized) and its processor.
@@ -84,7 +106,10 @@ def from_components(
     else:
         depth_tokenizer = DepthTokenizer.from_preset(depth_tokenizer_preset)
     config = PerceptioConfig(
-        vlm_config=vlm.config, segmenter_config=segmenter.config, depth_tokenizer_config=depth_tokenizer.config
+        vlm_config=vlm.config,
+        segmenter_config=segmenter.config,
+        depth_tokenizer_config=depth_tokenizer.config,
+        **_checked_options(options),  # type: ignore[arg-type]
     )
     model = PerceptioForConditionalGeneration(config, vlm=vlm, segmenter=segmenter, depth_tokenizer=depth_tokenizer)
     if dtype is not None:  # the new parts (segmentation-token MLP, depth tokenizer) in the backbones' dtype

@@ -9,7 +9,10 @@ from transformers import AutoConfig, InternVLConfig, PretrainedConfig, Sam2Confi
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.vocab import PerceptionVocab, TokenIds
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "PerceptioConfig"]
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "IMAGE_TOKEN_NORMS", "PerceptioConfig"]
+
+#: Values of ``PerceptioConfig.image_token_norm``.
+IMAGE_TOKEN_NORMS = ("none", "center", "standardize")
 
 #: Weights of the named loss terms (decision 6; spec.md A.6-A.9).
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
@@ -54,6 +57,8 @@ class PerceptioConfig(PretrainedConfig):
         loss_weights: dict[str, float] | None = None,
         seg_hidden_dim: int | None = None,
         seg_multimask: bool = True,
+        image_token_norm: str = "none",
+        vision_init_std: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.vlm_config = (
@@ -75,6 +80,12 @@ class PerceptioConfig(PretrainedConfig):
         self.token_ids = dict(token_ids) if token_ids else None
         self.seg_hidden_dim = seg_hidden_dim
         self.seg_multimask = bool(seg_multimask)
+        if image_token_norm not in IMAGE_TOKEN_NORMS:
+            raise ValueError(f"image_token_norm must be one of {IMAGE_TOKEN_NORMS}, got {image_token_norm!r}")
+        self.image_token_norm = image_token_norm
+        if vision_init_std is not None and not vision_init_std > 0:
+            raise ValueError(f"vision_init_std must be a positive number or None, got {vision_init_std!r}")
+        self.vision_init_std = None if vision_init_std is None else float(vision_init_std)
         # Surface the language model's embedding tying, so tools that read the top-level config (peft's trainable
         # token rows, for one) treat the tied input embeddings and LM head as one matrix.
         # InternVL ties by its own top-level flag, so that is the one to mirror.

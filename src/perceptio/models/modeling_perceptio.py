@@ -33,7 +33,29 @@ from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.vocab import TokenIds, register_tokens
 
-__all__ = ["PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
+__all__ = ["ImageTokenNorm", "PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
+
+
+class ImageTokenNorm(nn.Module):
+    """What ``PerceptioConfig.image_token_norm`` does to the projected image tokens (B, T, D) of each image.
+
+    ``"none"`` returns them unchanged; ``"center"`` subtracts the image's mean token; ``"standardize"`` also divides
+    by the image's token rms and multiplies by a learned scalar gain (initialised to 1).
+    """
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.gain = nn.Parameter(torch.ones(())) if mode == "standardize" else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return tokens
+        centred = tokens - tokens.mean(dim=1, keepdim=True)
+        if self.mode == "center":
+            return centred
+        rms = centred.pow(2).mean(dim=(1, 2), keepdim=True).add(1e-6).sqrt()
+        return centred / rms * self.gain
 
 
 @dataclass
@@ -120,8 +142,24 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         self.depth_tokenizer = (
             depth_tokenizer if depth_tokenizer is not None else DepthTokenizer(config.depth_tokenizer)
         )
+        self.image_token_norm = ImageTokenNorm(config.image_token_norm)
+        if config.image_token_norm != "none":  # applied to the projector's output, inside InternVL's own forward
+            self.vlm.model.multi_modal_projector.register_forward_hook(self._normalise_image_tokens)
         self.post_init()
+        if config.vision_init_std is not None and vlm is None:
+            self._init_vision(config.vision_init_std)
         self.freeze_frozen_parts()
+
+    def _normalise_image_tokens(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.image_token_norm(output)
+
+    @torch.no_grad()
+    def _init_vision(self, std: float) -> None:
+        """Re-initialise the vision tower's and projector's linear and convolution weights at ``std``."""
+        for part in (self.vlm.model.vision_tower, self.vlm.model.multi_modal_projector):
+            for module in part.modules():
+                if isinstance(module, nn.Linear | nn.Conv2d):
+                    module.weight.normal_(0.0, std)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vlm.get_input_embeddings()

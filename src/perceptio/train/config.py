@@ -62,8 +62,15 @@ class ModelConfig:
     A segmenter pretrained on the single-mask output only (``perceptio segmenter pretrain``) wants false."""
     seed: int = 0
     """Seed of the random initialisation."""
+    image_token_norm: Literal["none", "center", "standardize"] | None = None
+    """What happens to the projected image tokens before the language model (see docs/model.md); null keeps the
+    model's own setting (random-vision presets centre them; real checkpoints leave them as they are)."""
+    vision_init_std: float | None = None
+    """Re-initialise a preset's random vision tower and projector at this std (null: the preset's init)."""
 
     def __post_init__(self) -> None:
+        if self.vision_init_std is not None and self.preset is None:
+            raise ValueError("vision_init_std re-initialises a random vision tower: it needs model.preset")
         sources = [self.preset is not None, self.vlm is not None or self.segmenter is not None, self.init is not None]
         if sum(sources) != 1:
             raise ValueError(

@@ -42,7 +42,7 @@ from perceptio.config import config_to_dict, write_run_record
 from perceptio.data.errors import BadItemReport
 from perceptio.data.mixture import MixtureSampler
 from perceptio.losses import IGNORE_INDEX
-from perceptio.models.build import build_preset, from_components, load_model, save_model
+from perceptio.models.build import BUILD_OPTIONS, build_preset, from_components, load_model, save_model
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
 from perceptio.models.lora import merge_lora
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
@@ -134,13 +134,20 @@ def _setup_distributed(requested: str | None) -> _Dist:
 
 def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
     """The model and processor a recipe's ``model`` section names (before any trainable policy)."""
+    options = {k: v for k in BUILD_OPTIONS if (v := getattr(config, k)) is not None}
     if config.init is not None:
         model, processor = load_model(config.init)
+        changed = {k: v for k, v in options.items() if getattr(model.config, k) != v}
+        if changed:
+            raise ValueError(
+                f"model.init {config.init} was trained with { ({k: getattr(model.config, k) for k in changed}) }; "
+                f"a started model cannot change {sorted(changed)}: leave them null"
+            )
     elif config.preset is not None:
-        model, processor = build_preset(config.preset, seed=config.seed)
+        model, processor = build_preset(config.preset, seed=config.seed, **options)
     else:
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
-        model, processor = from_components(config.vlm, config.segmenter, config.depth_tokenizer, dtype=dtype)
+        model, processor = from_components(config.vlm, config.segmenter, config.depth_tokenizer, dtype=dtype, **options)
     if config.depth_tokenizer is not None and config.vlm is None:
         model.load_depth_tokenizer(config.depth_tokenizer)
     if config.segmenter_weights is not None:

@@ -1,0 +1,424 @@
+"""The grounding ladder: does the model look at the image? ``perceptio experiment grounding``.
+
+Each level is one capability, trained from scratch on its own with the real model classes (``PerceptioProcessor``
+and ``PerceptioForConditionalGeneration.forward``) and scored on held-out images:
+
+* ``L0`` whole-image colour: the image is one colour of the world's palette (plus sensor noise);
+* ``L1`` the colour of one small object (an ``object_px`` square) on a grey floor;
+* ``L2`` binding: the colour or shape of the one object named by its other attributes, among 2-6 (world VQA);
+* ``L3`` left/right of two named objects (world VQA);
+* ``L4`` counting (world VQA).
+
+For each level and *arm* (a set of ``PerceptioConfig`` options, e.g. centred image tokens) it records accuracy
+against steps (exact match of the whole answer under teacher forcing, which equals greedy decoding's exact
+match), the answer prior (the most frequent training answer per question kind), and the **image-use gap**: the
+validation loss with images shuffled across the batch minus the loss with the right images. A gap of zero
+means the answer does not depend on the image.
+
+Every (level, arm, seed) is one job whose result is written next to its settings; a repeated command reuses
+finished jobs. Jobs run as parallel one-thread processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ARMS", "LEVELS", "GroundingConfig", "LadderItem", "level_items", "results_table", "run_grounding"]
+
+#: Level name -> what it measures.
+LEVELS: dict[str, str] = {
+    "L0": "whole-image colour",
+    "L1": "colour of one small object on the floor",
+    "L2": "colour/shape of the object named by its other attributes (binding)",
+    "L3": "left/right of two named objects",
+    "L4": "count",
+}
+FLOOR_GREY = 120
+"""L1's floor: darker than every palette colour (the palette's gray is 189), so each object stands out."""
+WORLD_LEVELS = {"L2": ("color", "shape"), "L3": ("spatial",), "L4": ("count",)}
+
+#: Arm name -> ``PerceptioConfig`` fields it sets (on top of the tiny preset).
+ARMS: dict[str, dict[str, Any]] = {
+    "baseline": {"image_token_norm": "none"},
+    "center": {"image_token_norm": "center"},
+    "standardize": {"image_token_norm": "standardize"},
+    "vinit": {"image_token_norm": "none", "vision_init_std": 0.1},
+    "standardize+vinit": {"image_token_norm": "standardize", "vision_init_std": 0.1},
+    "center+vinit": {"image_token_norm": "center", "vision_init_std": 0.1},
+}
+
+
+@dataclass(frozen=True)
+class LadderItem:
+    """One question about one image. ``kind`` groups questions for the answer prior (e.g. colour vs shape)."""
+
+    image: Any  # PIL.Image.Image
+    question: str
+    answer: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class GroundingConfig:
+    """What ``perceptio experiment grounding`` runs."""
+
+    out: Path
+    world: Path | None = None
+    """A rendered world (``perceptio data synth``); needed by L2-L4."""
+    levels: tuple[str, ...] = ("L0", "L1", "L2", "L3", "L4")
+    arms: tuple[str, ...] = ("baseline", "center", "standardize")
+    steps: int = 600
+    eval_every: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    seeds: int = 1
+    train_images: int = 2000
+    """Training questions per level (L0/L1 are drawn fresh; L2-L4 take the first ones of the world's train split)."""
+    val_images: int = 300
+    object_px: int = 8
+    """Side of L1's object square at the world's 128-px resolution."""
+    image_size: int = 128
+    jobs: int = field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))))
+    preset: str = "tiny"
+
+    def __post_init__(self) -> None:
+        if unknown := sorted(set(self.levels) - set(LEVELS)):
+            raise ValueError(f"unknown level(s) {unknown}; the levels are {sorted(LEVELS)}")
+        if unknown := sorted(set(self.arms) - set(ARMS)):
+            raise ValueError(f"unknown arm(s) {unknown}; the arms are {sorted(ARMS)}")
+        if min(self.steps, self.eval_every, self.batch_size, self.seeds, self.jobs) < 1:
+            raise ValueError("steps, eval_every, batch_size, seeds and jobs must be at least 1")
+        if min(self.train_images, self.val_images) < 2 or not 1 <= self.object_px <= self.image_size:
+            raise ValueError("train_images and val_images must be >= 2 and object_px in [1, image_size]")
+        if self.world is None and any(level in WORLD_LEVELS for level in self.levels):
+            raise ValueError(f"levels {sorted(WORLD_LEVELS)} read the world's VQA: give --world (perceptio data synth)")
+
+
+# ------------------------------------------------------------------------------------------------ the levels
+
+
+def _palette() -> dict[str, np.ndarray]:
+    from perceptio.data.synthetic.scene import COLORS
+
+    return {name: (np.asarray(rgb) ** (1 / 2.2) * 255).astype(np.uint8) for name, rgb in COLORS.items()}
+
+
+def _flat_items(level: str, count: int, config: GroundingConfig, rng: np.random.Generator) -> list[LadderItem]:
+    from PIL import Image
+
+    palette = _palette()
+    names = sorted(palette)
+    side, n = config.object_px, config.image_size
+    items = []
+    for _ in range(count):
+        colour = names[int(rng.integers(len(names)))]
+        noise = rng.integers(-10, 11, (n, n, 3))
+        if level == "L0":
+            pixels = palette[colour].astype(int) + noise
+            question = "What color is the image?"
+        else:
+            pixels = np.full((n, n, 3), FLOOR_GREY) + noise
+            x, y = rng.integers(0, n - side + 1, 2)
+            pixels[y : y + side, x : x + side] = palette[colour]
+            question = "What color is the object?"
+        items.append(LadderItem(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), question, colour, "color"))
+    return items
+
+
+def _question_kind(question: str) -> str:
+    q = question.lower()
+    if q.startswith("what color"):
+        return "color"
+    if q.startswith("what shape"):
+        return "shape"
+    if q.startswith("how many"):
+        return "count"
+    return "spatial"
+
+
+def _world_items(level: str, world: Path, split: str, count: int) -> list[LadderItem]:
+    from perceptio.data.readers import read_conversations
+
+    path = world / "vqa" / f"{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: render a world with `perceptio data synth --out {world}`")
+    kinds = WORLD_LEVELS[level]
+    items, cache = [], {}
+    for sample in read_conversations(path, image_root=world / "images"):
+        question = sample.query.replace("<image>", "").strip()
+        kind = _question_kind(question)
+        if kind not in kinds:
+            continue
+        key = sample.image.describe()
+        if key not in cache:
+            cache[key] = sample.image.load()
+        items.append(LadderItem(cache[key], question, sample.answer, kind))
+        if len(items) == count:
+            break
+    if len(items) < 2:
+        raise ValueError(f"{path}: fewer than 2 {'/'.join(kinds)} questions for level {level}")
+    return items
+
+
+def level_items(level: str, config: GroundingConfig, seed: int = 0) -> tuple[list[LadderItem], list[LadderItem]]:
+    """The (train, val) questions of ``level``. L0/L1 are drawn from ``seed``; L2-L4 read the world's splits."""
+    if level in WORLD_LEVELS:
+        assert config.world is not None
+        world = Path(config.world)
+        return (
+            _world_items(level, world, "train", config.train_images),
+            _world_items(level, world, "val", config.val_images),
+        )
+    rng = np.random.default_rng(1000 + seed)
+    return _flat_items(level, config.train_images, config, rng), _flat_items(level, config.val_images, config, rng)
+
+
+def answer_prior(train: Sequence[LadderItem], val: Sequence[LadderItem]) -> float:
+    """Accuracy of always giving the most frequent training answer of the question's kind."""
+    by_kind: dict[str, Counter] = {}
+    for item in train:
+        by_kind.setdefault(item.kind, Counter())[item.answer] += 1
+    hits = [bool(by_kind.get(i.kind)) and by_kind[i.kind].most_common(1)[0][0] == i.answer for i in val]
+    return float(np.mean(hits))
+
+
+# ----------------------------------------------------------------------------------------------- one job
+
+
+class _Encoded:
+    """Processor outputs of a list of items, computed once; batches are padded on the right."""
+
+    def __init__(self, items: Sequence[LadderItem], processor) -> None:  # noqa: ANN001 - PerceptioProcessor
+        import torch
+
+        self.rows = []
+        pixels: dict[int, torch.Tensor] = {}
+        for item in items:
+            encoded = processor([item.image], [item.question], [item.answer])
+            if id(item.image) not in pixels:
+                pixels[id(item.image)] = encoded["pixel_values"][0]
+            self.rows.append((encoded["input_ids"][0], encoded["labels"][0], pixels[id(item.image)]))
+        self.pad = processor.text_tokenizer.pad_token_id
+
+    def batch(self, index: Sequence[int]) -> dict[str, Any]:
+        import torch
+
+        from perceptio.losses import IGNORE_INDEX
+
+        length = max(len(self.rows[i][0]) for i in index)
+        ids = torch.full((len(index), length), self.pad)
+        labels = torch.full((len(index), length), IGNORE_INDEX)
+        attention = torch.zeros((len(index), length), dtype=torch.long)
+        for k, i in enumerate(index):
+            x, y, _ = self.rows[i]
+            ids[k, : len(x)], labels[k, : len(y)], attention[k, : len(x)] = x, y, 1
+        pixels = torch.stack([self.rows[i][2] for i in index])
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "pixel_values": pixels}
+
+
+def _score(model, data: _Encoded, *, shuffle: bool, batch_size: int = 64) -> tuple[float, float]:  # noqa: ANN001
+    """(exact-match accuracy, mean per-question answer loss); ``shuffle`` pairs each question with the image of the
+    next question in its batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from perceptio.losses import IGNORE_INDEX
+
+    was_training = model.training
+    model.eval()
+    hits, losses = [], []
+    with torch.no_grad():
+        for start in range(0, len(data.rows), batch_size):
+            batch = data.batch(range(start, min(len(data.rows), start + batch_size)))
+            if shuffle:
+                batch["pixel_values"] = torch.roll(batch["pixel_values"], 1, dims=0)
+            logits = model.vlm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+            ).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            supervised = targets != IGNORE_INDEX
+            token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            losses += token_loss.sum(1).tolist()
+            correct = (logits.argmax(-1) == targets) | ~supervised
+            hits += correct.all(1).tolist()
+    model.train(was_training)
+    return float(np.mean(hits)), float(np.mean(losses))
+
+
+def build_ladder_model(preset: str, options: dict[str, Any], seed: int):  # noqa: ANN201 - (model, processor)
+    """A random model of ``preset`` with the arm's ``PerceptioConfig`` options."""
+    from perceptio.models.build import build_preset
+
+    return build_preset(preset, seed=seed, **options)
+
+
+def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[str, Any]:
+    """Train one fresh model on one level and return its curve (also the entry point of the worker processes)."""
+    import torch
+
+    from perceptio.train.optim import build_optimizer, warmup_cosine
+
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    train_items, val_items = level_items(level, config, seed)
+    model, processor = build_ladder_model(config.preset, ARMS[arm], seed)
+    train, val = _Encoded(train_items, processor), _Encoded(val_items, processor)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, round(0.05 * config.steps))
+    rng = np.random.default_rng(seed)
+    curve = []
+
+    def evaluate(step: int) -> None:
+        accuracy, loss = _score(model, val, shuffle=False)
+        shuffled_accuracy, shuffled_loss = _score(model, val, shuffle=True)
+        curve.append(
+            {
+                "step": step,
+                "accuracy": accuracy,
+                "loss": loss,
+                "shuffled_accuracy": shuffled_accuracy,
+                "shuffled_loss": shuffled_loss,
+                "image_use_gap": shuffled_loss - loss,
+            }
+        )
+
+    evaluate(0)
+    model.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warmup_cosine(
+                step, warmup_steps=warmup, total_steps=config.steps, min_lr_ratio=0.1
+            )
+        batch = train.batch(rng.integers(0, len(train.rows), config.batch_size).tolist())
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"level {level}, arm {arm}, seed {seed}: non-finite loss at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            evaluate(step + 1)
+    return {
+        "level": level,
+        "arm": arm,
+        "seed": seed,
+        "options": ARMS[arm],
+        "prior": answer_prior(train_items, val_items),
+        "curve": curve,
+        "final": curve[-1],
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the ladder
+
+
+def _job_settings(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[str, Any]:
+    keep = (
+        "steps",
+        "eval_every",
+        "batch_size",
+        "lr",
+        "train_images",
+        "val_images",
+        "object_px",
+        "image_size",
+        "preset",
+    )
+    settings = {k: getattr(config, k) for k in keep}
+    settings.update(level=level, arm=arm, options=ARMS[arm], seed=seed)
+    if level in WORLD_LEVELS:
+        settings["world"] = str(Path(config.world).resolve())  # type: ignore[arg-type]
+    return settings
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_grounding(config: GroundingConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or reuse) every (level, arm, seed) job; write ``results.json`` and ``results.md`` under ``config.out``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    pending = []
+    for level in config.levels:
+        for arm in config.arms:
+            for seed in range(config.seeds):
+                path = out / "jobs" / f"{level}-{arm}-s{seed}.json"
+                digest = _digest(_job_settings(config, level, arm, seed))
+                if path.is_file():
+                    stored = json.loads(path.read_text())
+                    if stored.get("digest") == digest:
+                        echo(f"{level} {arm} seed {seed}: finished earlier, reusing {path}")
+                        results.append(stored["result"])
+                        continue
+                pending.append((level, arm, seed, path, digest))
+    if pending:
+        echo(f"{len(pending)} job(s) to run, {min(config.jobs, len(pending))} at a time")
+        with ProcessPoolExecutor(max_workers=min(config.jobs, len(pending))) as pool:
+            futures = {
+                pool.submit(run_job, config, level, arm, seed): (level, arm, seed, path, digest)
+                for level, arm, seed, path, digest in pending
+            }
+            for future in as_completed(futures):
+                level, arm, seed, path, digest = futures[future]
+                result = future.result()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"digest": digest, "result": result}, indent=1) + "\n")
+                tmp.replace(path)
+                final = result["final"]
+                echo(
+                    f"{level} {arm} seed {seed}: accuracy {final['accuracy']:.3f} (prior {result['prior']:.3f}), "
+                    f"image-use gap {final['image_use_gap']:+.3f}, {result['seconds']:.0f} s"
+                )
+                results.append(result)
+    summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, "jobs": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "results.md").write_text(results_table(results, config) + "\n")
+    return summary
+
+
+def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) -> str:
+    """A Markdown table: one row per level, one column per arm: final accuracy (mean over seeds, with spread)
+    and the image-use gap; the answer prior in its own column."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault((r["level"], r["arm"]), []).append(r)
+    header = ["level", "prior", *config.arms]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for level in config.levels:
+        runs = [r for arm in config.arms for r in by.get((level, arm), [])]
+        if not runs:
+            continue
+        cells = [f"{level} {LEVELS[level]}", f"{100 * runs[0]['prior']:.1f}"]
+        for arm in config.arms:
+            group = by.get((level, arm), [])
+            if not group:
+                cells.append("-")
+                continue
+            acc = [100 * r["final"]["accuracy"] for r in group]
+            gap = np.mean([r["final"]["image_use_gap"] for r in group])
+            spread = f" ± {np.std(acc):.1f}" if len(acc) > 1 else ""
+            cells.append(f"{np.mean(acc):.1f}{spread} (gap {gap:+.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Accuracy (%) on {config.val_images} val questions after {config.steps} steps of batch {config.batch_size}, "
+        f"lr {config.lr}, {config.seeds} seed(s); gap = val loss with shuffled images minus with the right ones "
+        "(nats per question; 0: the image is not used)."
+    )
+    return "\n".join(lines)

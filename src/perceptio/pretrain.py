@@ -1,0 +1,180 @@
+"""The pretrained tiny base: ``perceptio pretrain``, the tiny counterpart of "pretrained InternVL + SAM2".
+
+The paper fine-tunes Perceptio from backbones that already know how to look. Ours cannot be downloaded, so the
+project pretrains tiny ones on a large synthetic world (a different seed from the quickstart's world) and ships
+the result. Stages, each written under ``out`` and reused once finished (``stages.json``, as in the quickstart):
+
+1. ``world/``: render the world (``num_images`` scenes);
+2. ``alignment``: write the alignment conversations (scene descriptions, closest object) into ``world/alignment``;
+3. ``tokenizer/``: train the tiny depth tokenizer on the world's exact depth;
+4. ``segmenter/``: pretrain the tiny SAM2 with point and box prompts;
+5. ``train/``: train the tiny VLM with the base recipe (``configs/tiny_base.yaml``): text-only alignment tasks
+   and VQA, no spatial tokens; resumable;
+6. ``base/``: the exported model (``save_model``) with ``MODEL_CARD.md`` and ``SHA256SUMS``.
+
+The base is a whole Perceptio model folder (its depth tokenizer and SAM2 included), so fine-tuning starts from it
+with ``model.init`` and nothing else to point at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PretrainConfig", "file_hashes", "run_pretrain"]
+
+STAGES = ("world", "alignment", "tokenizer", "segmenter", "train", "base")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: Path = Path("runs/base")
+    recipe: Path = Path("configs/tiny_base.yaml")
+    overrides: tuple[str, ...] = ()
+    """``key=value`` overrides of the base recipe, e.g. ``run.steps=100``."""
+    num_images: int = 20000
+    world_seed: int = 1
+    """Not the quickstart world's seed (0): the base never sees the images Perceptio is evaluated on."""
+    image_size: int = 128
+    tokenizer_steps: int = 1500
+    segmenter_steps: int = 1500
+    segmenter_batch_size: int = 32
+    progress: bool = True
+    command: str | None = None
+    """The command line that made the base, written on its model card."""
+
+    def __post_init__(self) -> None:
+        if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
+            raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
+
+
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` except ``SHA256SUMS`` and the model card, by relative path."""
+    folder = Path(folder)
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name not in ("SHA256SUMS", "MODEL_CARD.md")
+    }
+
+
+def _recipe(config: PretrainConfig):  # noqa: ANN202 - TrainConfig
+    from perceptio.config import load_config
+    from perceptio.train.config import TrainConfig
+
+    out = Path(config.out)
+    pointed = [
+        f"data.root={out / 'world'}",
+        f"model.depth_tokenizer={out / 'tokenizer'}",
+        f"model.segmenter_weights={out / 'segmenter'}",
+        f"run.out_dir={out / 'train'}",
+    ]
+    return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
+
+
+def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every stage; returns the base model's folder."""
+    from perceptio.quickstart import QuickstartConfig, _digest, _segmenter, _Stages, _tokenizer, _train, _world
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = _recipe(config)
+    stages = _Stages.load(out / "stages.json", order=STAGES)
+    paths = {name: out / name for name in ("world", "tokenizer", "segmenter", "train", "base")}
+    # The quickstart's stage functions, pointed at this folder.
+    shared = QuickstartConfig(
+        out=out,
+        num_images=config.num_images,
+        world_seed=config.world_seed,
+        image_size=config.image_size,
+        tokenizer_steps=config.tokenizer_steps,
+        segmenter_steps=config.segmenter_steps,
+        segmenter_batch_size=config.segmenter_batch_size,
+        progress=config.progress,
+    )
+    settings = {
+        "world": (config.num_images, config.world_seed, config.image_size),
+        "alignment": (),
+        "tokenizer": (config.tokenizer_steps,),
+        "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
+        "train": (asdict(recipe),),
+        "base": (config.command,),
+    }
+    runners: dict[str, Callable[[bool], None]] = {
+        "world": lambda resume: _world(shared, paths["world"]),
+        "alignment": lambda resume: _alignment(paths["world"], echo),
+        "tokenizer": lambda resume: _tokenizer(shared, paths, resume),
+        "segmenter": lambda resume: _segmenter(shared, paths),
+        "train": lambda resume: _train(shared, recipe, resume),
+        "base": lambda resume: _export(config, paths, stages.records),
+    }
+    resumable = {"tokenizer", "train"}
+    previous = ""
+    for k, name in enumerate(STAGES, start=1):
+        digest = previous = _digest(previous, settings[name])
+        label = f"[{k}/{len(STAGES)}] {name}"
+        if stages.done(name, digest):
+            echo(f"{label}: finished earlier, reusing it")
+            continue
+        resume = name in resumable and stages.interrupted(name, digest)
+        folder = paths.get(name)
+        if not resume and folder is not None and folder.exists():
+            shutil.rmtree(folder)
+        stages.start(name, digest)
+        echo(f"{label}: {'resuming' if resume else 'running'}")
+        start = time.perf_counter()
+        runners[name](resume)
+        stages.finish(name, digest, time.perf_counter() - start)
+        echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
+    return paths["base"]
+
+
+def _alignment(world: Path, echo: Callable[[str], None]) -> None:
+    from perceptio.data.synthetic.alignment import write_alignment
+
+    counts = write_alignment(world)
+    echo(f"alignment conversations: {counts}")
+
+
+def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, dict[str, Any]]) -> None:
+    from perceptio.utils.jsonl import read_jsonl
+
+    base = paths["base"]
+    shutil.copytree(paths["train"] / "model", base)
+    hashes = file_hashes(base)
+    (base / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in hashes.items()))
+    logs = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "loss" in r]
+    evals = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "eval" in r]
+    recipe = _recipe(config)
+    lines = [
+        "# Perceptio tiny base",
+        "",
+        "The tiny counterpart of a pretrained InternVL + SAM2 + depth tokenizer: a `tiny`-preset Perceptio model "
+        "whose vision tower, projector and language model were trained on text-only alignment tasks (scene "
+        "descriptions left to right and near to far, the closest object's colour, VQA) on a synthetic world that "
+        "the quickstart never evaluates on. It knows no spatial tokens (no `[SEG]`, no depth spans): those are "
+        "learned when Perceptio is fine-tuned from it (`model.init`).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| command | `{config.command or 'perceptio pretrain'}` |",
+        f"| recipe | `{config.recipe}` {' '.join(config.overrides)} |",
+        f"| world | {config.num_images} images, seed {config.world_seed}, {config.image_size} px |",
+        f"| steps | {recipe.run.steps} of batch {recipe.run.global_batch_size}, seed {recipe.run.seed} |",
+        f"| depth tokenizer | {config.tokenizer_steps} steps on the world's exact depth |",
+        f"| SAM2 | {config.segmenter_steps} steps of batch {config.segmenter_batch_size}, point and box prompts |",
+        f"| final training loss | {logs[-1]['loss']:.4f} |" if logs else "| final training loss | n/a |",
+    ]
+    for name, record in timings.items():
+        if "seconds" in record:
+            lines.append(f"| wall time, {name} | {record['seconds']} s |")
+    if evals:
+        lines.append(f"| last quick eval | {json.dumps(evals[-1]['eval'])} |")
+    lines += ["", "## Files (SHA-256)", "", *[f"- `{name}`: `{digest}`" for name, digest in hashes.items()], ""]
+    (base / "MODEL_CARD.md").write_text("\n".join(lines))
