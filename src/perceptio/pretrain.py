@@ -38,6 +38,8 @@ class PretrainConfig:
     recipe: Path = Path("configs/tiny_base.yaml")
     overrides: tuple[str, ...] = ()
     """``key=value`` overrides of the base recipe, e.g. ``run.steps=100``."""
+    world: Path | None = None
+    """An already rendered world (``perceptio data synth``) to use instead of rendering one into ``out/world``."""
     num_images: int = 20000
     world_seed: int = 1
     """Not the quickstart world's seed (0): the base never sees the images Perceptio is evaluated on."""
@@ -64,13 +66,20 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
     }
 
 
+def _manifest(world: Path) -> str:
+    manifest = world / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: --world must be a folder written by `perceptio data synth`")
+    return manifest.read_text()
+
+
 def _recipe(config: PretrainConfig):  # noqa: ANN202 - TrainConfig
     from perceptio.config import load_config
     from perceptio.train.config import TrainConfig
 
     out = Path(config.out)
     pointed = [
-        f"data.root={out / 'world'}",
+        f"data.root={config.world or out / 'world'}",
         f"model.depth_tokenizer={out / 'tokenizer'}",
         f"model.segmenter_weights={out / 'segmenter'}",
         f"run.out_dir={out / 'train'}",
@@ -87,6 +96,8 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
     recipe = _recipe(config)
     stages = _Stages.load(out / "stages.json", order=STAGES)
     paths = {name: out / name for name in ("world", "tokenizer", "segmenter", "train", "base")}
+    if config.world is not None:
+        paths["world"] = Path(config.world)
     # The quickstart's stage functions, pointed at this folder.
     shared = QuickstartConfig(
         out=out,
@@ -99,7 +110,9 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         progress=config.progress,
     )
     settings = {
-        "world": (config.num_images, config.world_seed, config.image_size),
+        "world": (config.num_images, config.world_seed, config.image_size)
+        if config.world is None
+        else (_manifest(paths["world"]),),
         "alignment": (),
         "tokenizer": (config.tokenizer_steps,),
         "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
@@ -107,7 +120,7 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         "base": (config.command,),
     }
     runners: dict[str, Callable[[bool], None]] = {
-        "world": lambda resume: _world(shared, paths["world"]),
+        "world": lambda resume: None if config.world is not None else _world(shared, paths["world"]),
         "alignment": lambda resume: _alignment(paths["world"], echo),
         "tokenizer": lambda resume: _tokenizer(shared, paths, resume),
         "segmenter": lambda resume: _segmenter(shared, paths),
@@ -124,6 +137,8 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
             continue
         resume = name in resumable and stages.interrupted(name, digest)
         folder = paths.get(name)
+        if name == "world" and config.world is not None:
+            folder = None  # the user's world is read, never removed
         if not resume and folder is not None and folder.exists():
             shutil.rmtree(folder)
         stages.start(name, digest)
@@ -133,6 +148,14 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         stages.finish(name, digest, time.perf_counter() - start)
         echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
     return paths["base"]
+
+
+def _world_line(config: PretrainConfig, world: Path) -> str:
+    if config.world is None:
+        return f"{config.num_images} images, seed {config.world_seed}, {config.image_size} px"
+    manifest = json.loads(_manifest(world))
+    size = manifest.get("config", {}).get("image_size")
+    return f"`{world}`: {manifest.get('num_images')} images, seed {manifest.get('seed')}, {size} px"
 
 
 def _alignment(world: Path, echo: Callable[[str], None]) -> None:
@@ -165,7 +188,7 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
         "|---|---|",
         f"| command | `{config.command or 'perceptio pretrain'}` |",
         f"| recipe | `{config.recipe}` {' '.join(config.overrides)} |",
-        f"| world | {config.num_images} images, seed {config.world_seed}, {config.image_size} px |",
+        f"| world | {_world_line(config, paths['world'])} |",
         f"| steps | {recipe.run.steps} of batch {recipe.run.global_batch_size}, seed {recipe.run.seed} |",
         f"| depth tokenizer | {config.tokenizer_steps} steps on the world's exact depth |",
         f"| SAM2 | {config.segmenter_steps} steps of batch {config.segmenter_batch_size}, point and box prompts |",

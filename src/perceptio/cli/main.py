@@ -683,6 +683,9 @@ def pretrain(
     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder; the base model is written to OUT/base.")] = Path("runs/base"),
     recipe: Annotated[Path, typer.Option(help="The base recipe.")] = Path("configs/tiny_base.yaml"),
+    world: Annotated[
+        Path | None, typer.Option(help="Use this rendered world (perceptio data synth) instead of rendering one.")
+    ] = None,
     num_images: Annotated[int, typer.Option(min=10, help="Images in the pretraining world.")] = 20000,
     world_seed: Annotated[int, typer.Option(help="Seed of the pretraining world (not the quickstart's 0).")] = 1,
     tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
@@ -699,8 +702,9 @@ def pretrain(
 
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
+    source = f"--world {world}" if world is not None else f"--num-images {num_images} --world-seed {world_seed}"
     command = (
-        f"perceptio pretrain --out {out} --recipe {recipe} --num-images {num_images} --world-seed {world_seed} "
+        f"perceptio pretrain --out {out} --recipe {recipe} {source} "
         f"--tokenizer-steps {tokenizer_steps} --segmenter-steps {segmenter_steps}"
         + "".join(f" {o}" for o in overrides or [])
     )
@@ -708,6 +712,7 @@ def pretrain(
         config = PretrainConfig(
             out=out,
             recipe=recipe,
+            world=world,
             overrides=tuple(overrides or ()),
             num_images=num_images,
             world_seed=world_seed,
@@ -729,8 +734,13 @@ def experiment_grounding(
     ] = None,
     levels: Annotated[str, typer.Option(help="Comma-separated levels: L0,L1,L2,L3,L4.")] = "L0,L1,L2,L3,L4",
     arms: Annotated[
-        str, typer.Option(help="Comma-separated arms: baseline, center, standardize, vinit, standardize+vinit.")
+        str,
+        typer.Option(
+            help="Comma-separated arms: baseline, center, standardize, vinit, standardize+vinit, center+vinit, "
+            "standardize+segrms, base, base+segrms (base: fine-tune the pretrained base)."
+        ),
     ] = "baseline,center,standardize",
+    base: Annotated[Path | None, typer.Option(help="The base of the base arm (default: the shipped one).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Training steps per level and arm.")] = 600,
     eval_every: Annotated[int, typer.Option(min=1, help="Steps between validation points of the curve.")] = 200,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per (level, arm).")] = 1,
@@ -756,6 +766,7 @@ def experiment_grounding(
             train_images=train_images,
             val_images=val_images,
             lr=lr,
+            base=base,
             **({"jobs": jobs} if jobs else {}),
         )
         run_grounding(config, echo=typer.echo)

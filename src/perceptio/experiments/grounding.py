@@ -43,6 +43,7 @@ LEVELS: dict[str, str] = {
     "L2": "colour/shape of the object named by its other attributes (binding)",
     "L3": "left/right of two named objects",
     "L4": "count",
+    "L6": "[SEG] mask of the referred object (cIoU, teacher-forced)",
 }
 FLOOR_GREY = 120
 """L1's floor: darker than every palette colour (the palette's gray is 189), so each object stands out."""
@@ -56,6 +57,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "vinit": {"image_token_norm": "none", "vision_init_std": 0.1},
     "standardize+vinit": {"image_token_norm": "standardize", "vision_init_std": 0.1},
     "center+vinit": {"image_token_norm": "center", "vision_init_std": 0.1},
+    "standardize+segrms": {"image_token_norm": "standardize", "seg_prompt_rms": 0.5},
+    # the pretrained tiny base (GroundingConfig.base) instead of random weights:
+    "base": {"init": "base"},
+    "base+segrms": {"init": "base", "seg_prompt_rms": 0.5},
 }
 
 
@@ -91,6 +96,10 @@ class GroundingConfig:
     image_size: int = 128
     jobs: int = field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))))
     preset: str = "tiny"
+    base: Path | None = None
+    """The pretrained base the ``base`` arm starts from (default: the shipped tiny base)."""
+    segmenter: Path | None = None
+    """A pretrained SAM2 (``perceptio segmenter pretrain``) for L6; default: ``segmenter/`` next to the world."""
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.levels) - set(LEVELS)):
@@ -101,6 +110,19 @@ class GroundingConfig:
             raise ValueError("steps, eval_every, batch_size, seeds and jobs must be at least 1")
         if min(self.train_images, self.val_images) < 2 or not 1 <= self.object_px <= self.image_size:
             raise ValueError("train_images and val_images must be >= 2 and object_px in [1, image_size]")
+        if "base" in self.arms and self.base is None:
+            from perceptio.weights import shipped
+
+            object.__setattr__(self, "base", shipped("tiny-base"))  # FileNotFoundError says how to make one
+        if "L6" in self.levels:
+            if self.world is None:
+                raise ValueError("level L6 reads the world's referring expressions: give --world")
+            if self.segmenter is None:
+                object.__setattr__(self, "segmenter", Path(self.world).parent / "segmenter")
+            if not (Path(self.segmenter) / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"L6 needs a pretrained SAM2 at {self.segmenter} (perceptio segmenter pretrain, or the quickstart)"
+                )
         if self.world is None and any(level in WORLD_LEVELS for level in self.levels):
             raise ValueError(f"levels {sorted(WORLD_LEVELS)} read the world's VQA: give --world (perceptio data synth)")
 
@@ -256,11 +278,20 @@ def _score(model, data: _Encoded, *, shuffle: bool, batch_size: int = 64) -> tup
     return float(np.mean(hits)), float(np.mean(losses))
 
 
-def build_ladder_model(preset: str, options: dict[str, Any], seed: int):  # noqa: ANN201 - (model, processor)
-    """A random model of ``preset`` with the arm's ``PerceptioConfig`` options."""
-    from perceptio.models.build import build_preset
+def build_ladder_model(config: GroundingConfig, arm: str, seed: int):  # noqa: ANN201 - (model, processor)
+    """The arm's starting model: the pretrained base, or a random ``config.preset`` with the arm's options."""
+    import torch
 
-    return build_preset(preset, seed=seed, **options)
+    from perceptio.models.build import build_preset, load_model
+
+    options = ARMS[arm]
+    if "init" in options:
+        torch.manual_seed(seed)
+        model, processor = load_model(config.base)  # type: ignore[arg-type]
+        if "seg_prompt_rms" in options:
+            model.set_seg_prompt_rms(options["seg_prompt_rms"])
+        return model, processor
+    return build_preset(config.preset, seed=seed, **options)
 
 
 def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[str, Any]:
@@ -270,9 +301,11 @@ def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[st
     from perceptio.train.optim import build_optimizer, warmup_cosine
 
     torch.set_num_threads(1)
+    if level == "L6":
+        return _run_segmentation_job(config, arm, seed)
     began = time.perf_counter()
     train_items, val_items = level_items(level, config, seed)
-    model, processor = build_ladder_model(config.preset, ARMS[arm], seed)
+    model, processor = build_ladder_model(config, arm, seed)
     train, val = _Encoded(train_items, processor), _Encoded(val_items, processor)
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, round(0.05 * config.steps))
@@ -322,6 +355,109 @@ def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[st
     }
 
 
+def _segmentation_data(config: GroundingConfig, model, split: str, limit: int):  # noqa: ANN001, ANN202
+    from perceptio.train.config import DataConfig, DatasetConfig
+    from perceptio.train.data import TrainingData
+
+    world = Path(config.world)  # type: ignore[arg-type]
+    spec = DatasetConfig(format="refcoco", path=world, split=split, image_root=world / "images", limit=limit)
+    data = DataConfig(datasets={"refseg": spec}, depth_cot=False, seg_depth_span=False)
+    return TrainingData.from_config(data, model.depth_tokenizer, progress=False)
+
+
+def _segmentation_scores(model, batches: list[dict[str, Any]], *, shuffle: bool) -> tuple[float, float]:  # noqa: ANN001
+    """(cIoU over the batches' objects at the mask decoder's resolution, mean loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    inter = union = 0.0
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            if shuffle:
+                batch = dict(batch)
+                batch["pixel_values"] = torch.roll(batch["pixel_values"], 1, dims=0)
+                batch["sam_pixel_values"] = torch.roll(batch["sam_pixel_values"], 1, dims=0)
+            out = model(**batch)
+            losses.append(float(out.loss))
+            for logits, target in zip(out.mask_logits or [], batch["gt_masks"], strict=True):
+                if logits is None or target is None:
+                    continue
+                truth = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")[:, 0] > 0.5
+                predicted = logits > 0
+                inter += float((predicted & truth).sum())
+                union += float((predicted | truth).sum())
+    model.train(was_training)
+    return (inter / union if union else 0.0), float(np.mean(losses))
+
+
+def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[str, Any]:
+    """L6: referring segmentation alone ("Please segment ..." -> ``[SEG]``), with the full Perceptio forward."""
+    import torch
+
+    from perceptio.train.data import collate
+    from perceptio.train.optim import build_optimizer, warmup_cosine
+
+    began = time.perf_counter()
+    model, processor = build_ladder_model(config, arm, seed)
+    model.load_segmenter(config.segmenter)  # type: ignore[arg-type]
+    model.config.seg_multimask = False  # the pretrained tiny SAM2 trains its single-mask output
+    model.freeze_frozen_parts()
+    train = _segmentation_data(config, model, "train", config.train_images)
+    val = _segmentation_data(config, model, "val", config.val_images)
+    rng = np.random.default_rng(seed)
+    val_examples = [val.example("refseg", i, rng) for i in range(len(val.datasets["refseg"]))]
+    val_batches = [collate(val_examples[i : i + 16], processor) for i in range(0, len(val_examples), 16)]
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, round(0.05 * config.steps))
+    size = len(train.datasets["refseg"])
+    curve = []
+
+    def evaluate(step: int) -> None:
+        ciou, loss = _segmentation_scores(model, val_batches, shuffle=False)
+        shuffled_ciou, shuffled_loss = _segmentation_scores(model, val_batches, shuffle=True)
+        curve.append(
+            {
+                "step": step,
+                "accuracy": ciou,
+                "loss": loss,
+                "shuffled_accuracy": shuffled_ciou,
+                "shuffled_loss": shuffled_loss,
+                "image_use_gap": shuffled_loss - loss,
+            }
+        )
+
+    evaluate(0)
+    model.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warmup_cosine(
+                step, warmup_steps=warmup, total_steps=config.steps, min_lr_ratio=0.1
+            )
+        examples = [train.example("refseg", int(i), rng) for i in rng.integers(0, size, config.batch_size)]
+        loss = model(**collate(examples, processor)).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"level L6, arm {arm}, seed {seed}: non-finite loss at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            evaluate(step + 1)
+    return {
+        "level": "L6",
+        "arm": arm,
+        "seed": seed,
+        "options": ARMS[arm],
+        "prior": None,  # no answer prior for masks: the reference is the point-prompted SAM2
+        "curve": curve,
+        "final": curve[-1],
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- the ladder
 
 
@@ -339,8 +475,14 @@ def _job_settings(config: GroundingConfig, level: str, arm: str, seed: int) -> d
     )
     settings = {k: getattr(config, k) for k in keep}
     settings.update(level=level, arm=arm, options=ARMS[arm], seed=seed)
-    if level in WORLD_LEVELS:
+    if "init" in ARMS[arm]:
+        from perceptio.quickstart import _base_fingerprint
+
+        settings["base"] = _base_fingerprint(config.base)
+    if level in WORLD_LEVELS or level == "L6":
         settings["world"] = str(Path(config.world).resolve())  # type: ignore[arg-type]
+    if level == "L6":
+        settings["segmenter"] = str(Path(config.segmenter).resolve())  # type: ignore[arg-type]
     return settings
 
 
@@ -382,7 +524,8 @@ def run_grounding(config: GroundingConfig, *, echo: Callable[[str], None] = prin
                 tmp.replace(path)
                 final = result["final"]
                 echo(
-                    f"{level} {arm} seed {seed}: accuracy {final['accuracy']:.3f} (prior {result['prior']:.3f}), "
+                    f"{level} {arm} seed {seed}: {'cIoU' if level == 'L6' else 'accuracy'} {final['accuracy']:.3f} "
+                    f"(prior {'-' if result['prior'] is None else format(result['prior'], '.3f')}), "
                     f"image-use gap {final['image_use_gap']:+.3f}, {result['seconds']:.0f} s"
                 )
                 results.append(result)
@@ -404,7 +547,8 @@ def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) ->
         runs = [r for arm in config.arms for r in by.get((level, arm), [])]
         if not runs:
             continue
-        cells = [f"{level} {LEVELS[level]}", f"{100 * runs[0]['prior']:.1f}"]
+        prior = runs[0]["prior"]
+        cells = [f"{level} {LEVELS[level]}", "-" if prior is None else f"{100 * prior:.1f}"]
         for arm in config.arms:
             group = by.get((level, arm), [])
             if not group:
@@ -417,6 +561,7 @@ def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) ->
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
+        "L6 reports cIoU (%) of the [SEG] masks instead of accuracy. "
         f"Accuracy (%) on {config.val_images} val questions after {config.steps} steps of batch {config.batch_size}, "
         f"lr {config.lr}, {config.seeds} seed(s); gap = val loss with shuffled images minus with the right ones "
         "(nats per question; 0: the image is not used)."

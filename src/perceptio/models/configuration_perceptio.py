@@ -43,6 +43,10 @@ class PerceptioConfig(PretrainedConfig):
         seg_multimask: use SAM2's three candidate masks: training supervises the best-matching one and the IoU
             head, inference keeps the candidate with the highest predicted IoU (spec.md A.3). False: one mask
             (decoder token 0), no IoU head.
+        seg_prompt_rms: when set, each segmentation prompt token (the MLP's output) is divided by its rms and
+            multiplied by a learned gain that starts at this value, so the prompt reaches SAM2's mask decoder at the
+            scale of its own point-prompt tokens (about 0.5 for the tiny SAM2) whatever the language model's hidden
+            scale. None: the MLP output as it is.
     """
 
     model_type = "perceptio"
@@ -59,6 +63,7 @@ class PerceptioConfig(PretrainedConfig):
         seg_multimask: bool = True,
         image_token_norm: str = "none",
         vision_init_std: float | None = None,
+        seg_prompt_rms: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.vlm_config = (
@@ -86,6 +91,9 @@ class PerceptioConfig(PretrainedConfig):
         if vision_init_std is not None and not vision_init_std > 0:
             raise ValueError(f"vision_init_std must be a positive number or None, got {vision_init_std!r}")
         self.vision_init_std = None if vision_init_std is None else float(vision_init_std)
+        if seg_prompt_rms is not None and not seg_prompt_rms > 0:
+            raise ValueError(f"seg_prompt_rms must be a positive number or None, got {seg_prompt_rms!r}")
+        self.seg_prompt_rms = None if seg_prompt_rms is None else float(seg_prompt_rms)
         # Surface the language model's embedding tying, so tools that read the top-level config (peft's trainable
         # token rows, for one) treat the tied input embeddings and LM head as one matrix.
         # InternVL ties by its own top-level flag, so that is the one to mirror.

@@ -142,6 +142,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         self.depth_tokenizer = (
             depth_tokenizer if depth_tokenizer is not None else DepthTokenizer(config.depth_tokenizer)
         )
+        self.seg_prompt_gain = (
+            nn.Parameter(torch.tensor(float(config.seg_prompt_rms))) if config.seg_prompt_rms is not None else None
+        )
         self.image_token_norm = ImageTokenNorm(config.image_token_norm)
         if config.image_token_norm != "none":  # applied to the projector's output, inside InternVL's own forward
             self.vlm.model.multi_modal_projector.register_forward_hook(self._normalise_image_tokens)
@@ -149,6 +152,15 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         if config.vision_init_std is not None and vlm is None:
             self._init_vision(config.vision_init_std)
         self.freeze_frozen_parts()
+
+    def set_seg_prompt_rms(self, rms: float | None) -> None:
+        """Switch the segmentation prompt's rescaling (``PerceptioConfig.seg_prompt_rms``) on a built model, e.g. a
+        base that never trained its segmentation path; the gain restarts at ``rms``."""
+        if rms is not None and not rms > 0:
+            raise ValueError(f"seg_prompt_rms must be a positive number or None, got {rms!r}")
+        self.config.seg_prompt_rms = None if rms is None else float(rms)
+        device = self.seg_projection[0].weight.device
+        self.seg_prompt_gain = None if rms is None else nn.Parameter(torch.tensor(float(rms), device=device))
 
     def _normalise_image_tokens(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.image_token_norm(output)
@@ -274,7 +286,10 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         embeddings = [
             x.permute(1, 2, 0).reshape(b, -1, *size) for x, size in zip(levels, sam.backbone_feature_sizes, strict=True)
         ]
-        sparse = self.seg_projection(seg_hidden).unsqueeze(2)  # (B, N objects as point batches, 1 token, C)
+        sparse = self.seg_projection(seg_hidden)
+        if self.seg_prompt_gain is not None:
+            sparse = sparse * torch.rsqrt(sparse.pow(2).mean(-1, keepdim=True) + 1e-8) * self.seg_prompt_gain
+        sparse = sparse.unsqueeze(2)  # (B, N objects as point batches, 1 token, C)
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = dense.expand(b, -1, *sam.prompt_encoder.image_embedding_size)
         positional = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)

@@ -67,6 +67,8 @@ class ModelConfig:
     model's own setting (random-vision presets centre them; real checkpoints leave them as they are)."""
     vision_init_std: float | None = None
     """Re-initialise a preset's random vision tower and projector at this std (null: the preset's init)."""
+    seg_prompt_rms: float | None = None
+    """Rescale each segmentation prompt token to this rms with a learned gain (null: the model's own setting)."""
 
     def __post_init__(self) -> None:
         if self.vision_init_std is not None and self.preset is None:

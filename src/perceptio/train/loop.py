@@ -137,6 +137,8 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
     options = {k: v for k in BUILD_OPTIONS if (v := getattr(config, k)) is not None}
     if config.init is not None:
         model, processor = load_model(config.init)
+        if "seg_prompt_rms" in options and options["seg_prompt_rms"] != model.config.seg_prompt_rms:
+            model.set_seg_prompt_rms(options["seg_prompt_rms"])  # the prompt scale may change when fine-tuning
         changed = {k: v for k, v in options.items() if getattr(model.config, k) != v}
         if changed:
             raise ValueError(
