@@ -158,6 +158,19 @@ def _world_line(config: PretrainConfig, world: Path) -> str:
     return f"`{world}`: {manifest.get('num_images')} images, seed {manifest.get('seed')}, {size} px"
 
 
+def _image_use(recipe, base: Path) -> dict[str, dict[str, Any]]:  # noqa: ANN001 - TrainConfig
+    """The exported base's image-use gap on the recipe's eval datasets (see perceptio.eval.image_use)."""
+    from perceptio.eval.image_use import image_use_gap
+    from perceptio.models import load_model
+    from perceptio.train.data import TrainingData
+
+    if not recipe.eval.datasets:
+        return {}
+    model, processor = load_model(base)
+    data = TrainingData.from_config(recipe.data, model.depth_tokenizer, specs=recipe.eval.datasets, progress=False)
+    return image_use_gap(model, processor, data, samples=128)
+
+
 def _alignment(world: Path, echo: Callable[[str], None]) -> None:
     from perceptio.data.synthetic.alignment import write_alignment
 
@@ -181,8 +194,8 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
         "The tiny counterpart of a pretrained InternVL + SAM2 + depth tokenizer: a `tiny`-preset Perceptio model "
         "whose vision tower, projector and language model were trained on text-only alignment tasks (scene "
         "descriptions left to right and near to far, the closest object's colour, VQA) on a synthetic world that "
-        "the quickstart never evaluates on. It knows no spatial tokens (no `[SEG]`, no depth spans): those are "
-        "learned when Perceptio is fine-tuned from it (`model.init`).",
+        "the quickstart never evaluates on. It knows no spatial tokens (no segmentation token, no depth spans): "
+        "those are learned when Perceptio is fine-tuned from it (`model.init`).",
         "",
         "| | |",
         "|---|---|",
@@ -199,5 +212,10 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
             lines.append(f"| wall time, {name} | {record['seconds']} s |")
     if evals:
         lines.append(f"| last quick eval | {json.dumps(evals[-1]['eval'])} |")
+    for name, gap in _image_use(recipe, base).items():
+        lines.append(
+            f"| image-use gap, {name} (val) | {gap['gap']:+.3f} nats (loss {gap['real']['loss']:.3f} with the right "
+            f"images, {gap['shuffled']['loss']:.3f} shuffled; {gap['count']} examples) |"
+        )
     lines += ["", "## Files (SHA-256)", "", *[f"- `{name}`: `{digest}`" for name, digest in hashes.items()], ""]
     (base / "MODEL_CARD.md").write_text("\n".join(lines))

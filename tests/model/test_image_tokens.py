@@ -97,3 +97,43 @@ def test_real_checkpoints_leave_tokens_alone_unless_asked(tmp_path: Path) -> Non
     assert centred.config.image_token_norm == "center"
     raw, normed = _features(default, processor), _features(centred, processor)
     assert torch.allclose(normed, raw - raw.mean(dim=1, keepdim=True), atol=1e-6)
+
+
+def test_position_table_tells_tokens_apart_and_is_added_after_the_norm() -> None:
+    from perceptio.models.modeling_perceptio import sincos_2d
+
+    table = sincos_2d(16, 64)
+    assert table.shape == (16, 64)
+    assert torch.allclose(table.mean(dim=0), torch.zeros(64), atol=1e-5)  # nothing common to every token
+    assert torch.cdist(table, table).add(torch.eye(16) * 1e3).min() > 0.1  # every cell differs from every other
+    with pytest.raises(ValueError, match="square grid"):
+        sincos_2d(15, 64)
+    plain, processor = build_preset("tiny", image_token_norm="standardize")
+    placed, _ = build_preset("tiny", image_token_norm="standardize", image_token_pos="sincos")
+    raw, with_pos = _features(plain, processor), _features(placed, processor)
+    assert torch.allclose(with_pos - raw, table.expand_as(raw), atol=1e-5)
+
+
+def test_seg_prompt_rms_sets_the_prompt_scale_and_can_be_switched_on_a_loaded_model() -> None:
+    model, processor = build_preset("tiny", seg_prompt_rms=0.5)
+    hidden = torch.randn(1, 2, model.config.vlm_config.text_config.hidden_size)
+    captured = {}
+
+    def grab(module, args, kwargs, output):  # noqa: ANN001, ANN202
+        captured["sparse"] = kwargs["sparse_prompt_embeddings"]
+
+    handle = model.segmenter.mask_decoder.register_forward_hook(grab, with_kwargs=True)
+    pixels = processor.sam_pixel_values([Image.new("RGB", (64, 64))])
+    with torch.no_grad():
+        model.segment(pixels, hidden)
+    rms = captured["sparse"].pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.5), atol=1e-4)
+    plain, _ = build_preset("tiny")
+    assert plain.seg_prompt_gain is None
+    plain.set_seg_prompt_rms(0.25)
+    assert plain.config.seg_prompt_rms == 0.25 and plain.seg_prompt_gain.requires_grad
+    with torch.no_grad():
+        plain.segment(pixels, hidden)
+    handle.remove()
+    with pytest.raises(ValueError, match="seg_prompt_rms"):
+        plain.set_seg_prompt_rms(0.0)

@@ -37,6 +37,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _model_or_shipped(model: Path | None) -> Path:
+    """``--model``, or the tiny Perceptio model that ships with the package."""
+    if model is not None:
+        return model
+    from perceptio.weights import shipped
+
+    try:
+        folder = shipped("tiny-perceptio")
+    except FileNotFoundError as err:
+        _fail(f"no --model given, and {err}")
+    typer.echo(f"using the shipped tiny Perceptio model {folder}", err=True)
+    return folder
+
+
 def _end_distributed() -> None:
     """Leave a torchrun process through barrier, destroy, flush and ``os._exit(0)``: gloo can otherwise abort at
     interpreter exit (stack.md section 5)."""
@@ -419,8 +433,11 @@ def train(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option(help="A model folder (perceptio train's model/).")],
     out: Annotated[Path, typer.Option(help="Output folder: one sub-folder of files per (image, prompt).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A model folder (perceptio train's model/); default: the shipped tiny Perceptio model."),
+    ] = None,
     image: Annotated[list[Path] | None, typer.Option(help="An image (repeat for several).")] = None,
     prompt: Annotated[str | None, typer.Option(help="The prompt, asked about every --image.")] = None,
     jsonl: Annotated[
@@ -458,7 +475,7 @@ def predict(
         if not path.is_file():
             _fail(f"image not found: {path}")
     try:
-        runner = Perceptio.from_pretrained(model, device=device)
+        runner = Perceptio.from_pretrained(_model_or_shipped(model), device=device)
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(str(err))
     names: dict[str, int] = {}
@@ -486,9 +503,12 @@ def predict(
 @app.command("eval")
 def evaluate(
     task: Annotated[str, typer.Argument(help="refcoco, hardblink, blink, mmbench, depth or vqa.")],
-    model: Annotated[Path, typer.Option(help="A model folder (perceptio train's model/).")],
     data: Annotated[Path, typer.Option(help="The benchmark data (see docs/evaluation.md for each task).")],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl, metrics.json.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A model folder (perceptio train's model/); default: the shipped tiny Perceptio model."),
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Split (refcoco: val/testA/testB/test; blink: val).")] = None,
     dataset: Annotated[str, typer.Option(help="refcoco, refcoco+ or refcocog (task refcoco).")] = "refcoco",
     image_root: Annotated[Path | None, typer.Option(help="Images, when not found next to the annotations.")] = None,
@@ -514,7 +534,7 @@ def evaluate(
     try:
         settings = EvalSettings(
             task=task,
-            model=model,
+            model=_model_or_shipped(model),
             data=data,
             out=out,
             split=split,

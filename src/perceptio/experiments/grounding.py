@@ -43,7 +43,7 @@ LEVELS: dict[str, str] = {
     "L2": "colour/shape of the object named by its other attributes (binding)",
     "L3": "left/right of two named objects",
     "L4": "count",
-    "L6": "[SEG] mask of the referred object (cIoU, teacher-forced)",
+    "L6": "segmentation-token mask of the referred object (cIoU, teacher-forced)",
 }
 FLOOR_GREY = 120
 """L1's floor: darker than every palette colour (the palette's gray is 189), so each object stands out."""
@@ -58,6 +58,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "standardize+vinit": {"image_token_norm": "standardize", "vision_init_std": 0.1},
     "center+vinit": {"image_token_norm": "center", "vision_init_std": 0.1},
     "standardize+segrms": {"image_token_norm": "standardize", "seg_prompt_rms": 0.5},
+    "standardize+pos": {"image_token_norm": "standardize", "image_token_pos": "sincos"},
+    "standardize+pos+segrms": {"image_token_norm": "standardize", "image_token_pos": "sincos", "seg_prompt_rms": 0.5},
     # the pretrained tiny base (GroundingConfig.base) instead of random weights:
     "base": {"init": "base"},
     "base+segrms": {"init": "base", "seg_prompt_rms": 0.5},
@@ -394,7 +396,7 @@ def _segmentation_scores(model, batches: list[dict[str, Any]], *, shuffle: bool)
 
 
 def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[str, Any]:
-    """L6: referring segmentation alone ("Please segment ..." -> ``[SEG]``), with the full Perceptio forward."""
+    """L6: referring segmentation alone ("Please segment ..." -> the segmentation token), full Perceptio forward."""
     import torch
 
     from perceptio.train.data import collate
@@ -561,7 +563,7 @@ def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) ->
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "L6 reports cIoU (%) of the [SEG] masks instead of accuracy. "
+        "L6 reports cIoU (%) of the segmentation-token masks instead of accuracy. "
         f"Accuracy (%) on {config.val_images} val questions after {config.steps} steps of batch {config.batch_size}, "
         f"lr {config.lr}, {config.seeds} seed(s); gap = val loss with shuffled images minus with the right ones "
         "(nats per question; 0: the image is not used)."

@@ -43,6 +43,10 @@ class PerceptioConfig(PretrainedConfig):
         seg_multimask: use SAM2's three candidate masks: training supervises the best-matching one and the IoU
             head, inference keeps the candidate with the highest predicted IoU (spec.md A.3). False: one mask
             (decoder token 0), no IoU head.
+        image_token_pos: ``"sincos"`` adds a fixed 2-D sine-cosine position table (times a learned gain) to the
+            image tokens after ``image_token_norm``. A random vision tower's tokens carry no position (its position
+            embeddings start at zero), and the language model's rotary positions do not reach attention values,
+            so "left of" and "where is" cannot be read. ``"none"`` (default): InternVL's own path.
         seg_prompt_rms: when set, each segmentation prompt token (the MLP's output) is divided by its rms and
             multiplied by a learned gain that starts at this value, so the prompt reaches SAM2's mask decoder at the
             scale of its own point-prompt tokens (about 0.5 for the tiny SAM2) whatever the language model's hidden
@@ -64,6 +68,7 @@ class PerceptioConfig(PretrainedConfig):
         image_token_norm: str = "none",
         vision_init_std: float | None = None,
         seg_prompt_rms: float | None = None,
+        image_token_pos: str = "none",
         **kwargs: Any,
     ) -> None:
         self.vlm_config = (
@@ -91,6 +96,9 @@ class PerceptioConfig(PretrainedConfig):
         if vision_init_std is not None and not vision_init_std > 0:
             raise ValueError(f"vision_init_std must be a positive number or None, got {vision_init_std!r}")
         self.vision_init_std = None if vision_init_std is None else float(vision_init_std)
+        if image_token_pos not in ("none", "sincos"):
+            raise ValueError(f"image_token_pos must be 'none' or 'sincos', got {image_token_pos!r}")
+        self.image_token_pos = image_token_pos
         if seg_prompt_rms is not None and not seg_prompt_rms > 0:
             raise ValueError(f"seg_prompt_rms must be a positive number or None, got {seg_prompt_rms!r}")
         self.seg_prompt_rms = None if seg_prompt_rms is None else float(seg_prompt_rms)

@@ -33,7 +33,7 @@ from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.vocab import TokenIds, register_tokens
 
-__all__ = ["ImageTokenNorm", "PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
+__all__ = ["ImageTokenNorm", "ImageTokenPosition", "PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
 
 
 class ImageTokenNorm(nn.Module):
@@ -46,7 +46,7 @@ class ImageTokenNorm(nn.Module):
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
-        self.gain = nn.Parameter(torch.ones(())) if mode == "standardize" else None
+        self.gain = nn.Parameter(torch.ones(1)) if mode == "standardize" else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
@@ -56,6 +56,41 @@ class ImageTokenNorm(nn.Module):
             return centred
         rms = centred.pow(2).mean(dim=(1, 2), keepdim=True).add(1e-6).sqrt()
         return centred / rms * self.gain
+
+
+def sincos_2d(tokens: int, width: int) -> torch.Tensor:
+    """A fixed (tokens, width) 2-D sine-cosine position table over a square grid of ``tokens`` cells, in raster
+    order (the order of InternVL's image tokens): a quarter of the channels each for sin/cos of the row and of the
+    column, at geometric frequencies; centred over the tokens (no part common to all of them) and scaled to rms 1."""
+    side = round(tokens**0.5)
+    if side * side != tokens:
+        raise ValueError(f"image tokens form a square grid; got {tokens}")
+    quarter = max(1, width // 4)
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (rows.reshape(-1), cols.reshape(-1)):
+        angles = axis[:, None] * frequencies[None] * (torch.pi / side)
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)
+    if table.shape[1] < width:
+        table = torch.cat([table, table.new_zeros(tokens, width - table.shape[1])], dim=1)
+    table = table[:, :width] - table[:, :width].mean(dim=0, keepdim=True)
+    return table / table.pow(2).mean().sqrt().clamp_min(1e-6)
+
+
+class ImageTokenPosition(nn.Module):
+    """``PerceptioConfig.image_token_pos == "sincos"``: add a fixed 2-D sine-cosine table, times a learned scalar
+    gain (initialised to 1), to the projected image tokens, so each token says where in the image it is."""
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.register_buffer("table", sincos_2d(tokens, width), persistent=False)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.gain * self.table.to(tokens.dtype)
 
 
 @dataclass
@@ -143,10 +178,16 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             depth_tokenizer if depth_tokenizer is not None else DepthTokenizer(config.depth_tokenizer)
         )
         self.seg_prompt_gain = (
-            nn.Parameter(torch.tensor(float(config.seg_prompt_rms))) if config.seg_prompt_rms is not None else None
+            nn.Parameter(torch.full((1,), float(config.seg_prompt_rms))) if config.seg_prompt_rms is not None else None
         )
         self.image_token_norm = ImageTokenNorm(config.image_token_norm)
-        if config.image_token_norm != "none":  # applied to the projector's output, inside InternVL's own forward
+        self.image_token_pos = (
+            ImageTokenPosition(config.vlm_config.image_seq_length, width)
+            if config.image_token_pos == "sincos"
+            else None
+        )
+        if config.image_token_norm != "none" or self.image_token_pos is not None:
+            # applied to the projector's output, inside InternVL's own forward
             self.vlm.model.multi_modal_projector.register_forward_hook(self._normalise_image_tokens)
         self.post_init()
         if config.vision_init_std is not None and vlm is None:
@@ -160,10 +201,11 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             raise ValueError(f"seg_prompt_rms must be a positive number or None, got {rms!r}")
         self.config.seg_prompt_rms = None if rms is None else float(rms)
         device = self.seg_projection[0].weight.device
-        self.seg_prompt_gain = None if rms is None else nn.Parameter(torch.tensor(float(rms), device=device))
+        self.seg_prompt_gain = None if rms is None else nn.Parameter(torch.full((1,), float(rms), device=device))
 
     def _normalise_image_tokens(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self.image_token_norm(output)
+        output = self.image_token_norm(output)
+        return output if self.image_token_pos is None else self.image_token_pos(output)
 
     @torch.no_grad()
     def _init_vision(self, std: float) -> None:

@@ -65,6 +65,8 @@ class ModelConfig:
     image_token_norm: Literal["none", "center", "standardize"] | None = None
     """What happens to the projected image tokens before the language model (see docs/model.md); null keeps the
     model's own setting (random-vision presets centre them; real checkpoints leave them as they are)."""
+    image_token_pos: Literal["none", "sincos"] | None = None
+    """Add a 2-D position table to the image tokens (see docs/model.md); null keeps the model's own setting."""
     vision_init_std: float | None = None
     """Re-initialise a preset's random vision tower and projector at this std (null: the preset's init)."""
     seg_prompt_rms: float | None = None
