@@ -1,4 +1,4 @@
-"""The named loss terms of Perceptio as pure functions (spec.md A.6-A.9; decision 6). Imports torch only.
+"""The named loss terms of Perceptio as pure functions. Imports torch only.
 
 Sequence terms take **next-token** logits and targets already aligned: ``logits[:, t]`` predicts
 ``targets[:, t]`` (i.e. the caller has shifted them), with ``IGNORE_INDEX`` where nothing is supervised.
@@ -92,7 +92,7 @@ def depth_count_loss(
     """Pressure towards exactly ``span_length`` codes, then the end marker; averaged over the spans present.
 
     For each sequence with a span: ``|sum over its code positions of P(any code)| - N| / N`` plus the NLL of
-    the end marker at its position (spec.md A.6, term 3).
+    the end marker at its position.
     """
     codes = _code_positions(targets, code_ids)
     ends = targets == end_id

@@ -1,6 +1,6 @@
 """The perception-token vocabulary: the only module that spells the spatial tokens.
 
-Tokens (decision 3 of the design notes; the strings of Sa2VA and AURORA):
+Tokens (the strings of Sa2VA and AURORA):
 
 * ``[SEG]``: one per referred object; its hidden state prompts the SAM2 mask decoder;
 * ``<DEPTH_START>`` ``<DEPTH_k>`` x N ``<DEPTH_END>``: a depth span of exactly N = h x w codes in raster order

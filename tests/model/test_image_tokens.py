@@ -137,3 +137,19 @@ def test_seg_prompt_rms_sets_the_prompt_scale_and_can_be_switched_on_a_loaded_mo
     handle.remove()
     with pytest.raises(ValueError, match="seg_prompt_rms"):
         plain.set_seg_prompt_rms(0.0)
+
+
+@pytest.mark.parametrize("mode", ["none", "center"])
+def test_the_projector_bias_that_centring_removes_does_not_train(mode: str) -> None:
+    model, _ = build_preset("tiny", image_token_norm=mode)
+    bias = model.vlm.model.multi_modal_projector.linear_2.bias
+    assert bias.requires_grad == (mode == "none")
+    assert (any(p is bias for p in model.frozen_parameters())) == (mode != "none")
+    if mode == "center":  # the bias has no effect on the normalised tokens at all
+        pixels = torch.randn(2, 3, *(2 * [model.config.vlm_config.vision_config.image_size[0]]))
+        features = model.vlm.model.get_image_features
+        with torch.no_grad():
+            before = features(pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default")
+            bias.add_(3.0)
+            after = features(pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default")
+        torch.testing.assert_close(before.pooler_output, after.pooler_output)

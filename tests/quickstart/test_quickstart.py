@@ -140,18 +140,34 @@ def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:
 
 
 def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
-    def summary(ciou: float, wf: float, absrel: float, vqa: float, acc2: float, gap: float = 0.1) -> dict:
+    def summary(
+        ciou: float,
+        wf: float,
+        absrel: float,
+        vqa: float,
+        acc2: float,
+        gap: float = 0.1,
+        color: float = 0.65,
+        agreement: float = 0.9,
+    ) -> dict:
         return {
             "image_use": {"vqa": {"gap": gap}, "refseg": {"gap": 0.5}},
             "refcoco": {"ciou": ciou},
             "well_formed_rate": wf,
             "depth": {"abs_rel": absrel},
-            "vqa": {"accuracy": vqa},
-            "hardblink": {"answer": {"by_point_count": {"2": {"accuracy": acc2}, "3": {"accuracy": 0.6}}}},
+            "vqa": {
+                "accuracy": vqa,
+                "by_category": {"color": {"accuracy": color, "count": 9}, "count": {"accuracy": 0.9, "count": 9}},
+            },
+            "hardblink": {
+                "answer": {"by_point_count": {"2": {"accuracy": acc2}, "3": {"accuracy": 0.6}}},
+                "letter_span_agreement": agreement,
+            },
             "reference": {
                 "point_prompt_ciou": 0.6,
                 "mean_map_abs_rel": 0.4,
                 "majority_by_points": {"2": 0.55, "3": 0.4},
+                "vqa_prior_by_category": {"color": 0.5, "count": 0.4},
             },
         }
 
@@ -160,6 +176,10 @@ def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
     # 0.41 < 70 % of 0.6; 0.69 < 0.55 + 15 pts; a zero gap does not count as using the image
     bad = [t.check(summary(0.41, 0.99, 0.35, 0.69, 0.69, gap=0.0))[1] for t in TARGETS]
     assert bad == [False] * len(TARGETS)
+    by_name = {t.name: t for t in TARGETS}
+    # overall VQA passes, but colour is 14 pts over its prior; the letters disagree with the spans on 11 %
+    assert by_name["VQA"].check(summary(0.42, 1.0, 0.2, 0.8, 0.71, color=0.64))[1] is False
+    assert by_name["relative depth"].check(summary(0.42, 1.0, 0.2, 0.8, 0.71, agreement=0.89))[1] is False
 
 
 def test_line_chart_draws_each_series_in_its_colour() -> None:

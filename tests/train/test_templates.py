@@ -1,4 +1,4 @@
-"""Task templates on samples read from the synthetic world: order of decision 4, phrasings, direct answering."""
+"""Task templates on samples read from the synthetic world: answer order, phrasings, direct answering."""
 
 from __future__ import annotations
 

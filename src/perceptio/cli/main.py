@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from perceptio import __version__
+from perceptio.experiments.grounding import ARMS as LADDER_ARMS
+from perceptio.experiments.grounding import LEVELS
 
 app = typer.Typer(
     name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False
@@ -53,7 +55,7 @@ def _model_or_shipped(model: Path | None) -> Path:
 
 def _end_distributed() -> None:
     """Leave a torchrun process through barrier, destroy, flush and ``os._exit(0)``: gloo can otherwise abort at
-    interpreter exit (stack.md section 5)."""
+    interpreter exit (SIGABRT) and fail the torchrun job."""
     import os
 
     import torch.distributed as dist
@@ -750,14 +752,20 @@ def pretrain(
 def experiment_grounding(
     out: Annotated[Path, typer.Option(help="Experiment folder (finished jobs are reused).")],
     world: Annotated[
-        Path | None, typer.Option(help="A rendered world (perceptio data synth); levels L2-L4 read its VQA.")
+        Path | None,
+        typer.Option(
+            help="A rendered world (perceptio data synth); levels L2-L4 read its VQA, L6 its referring "
+            "expressions (and the SAM2 in its sibling folder `segmenter`)."
+        ),
     ] = None,
-    levels: Annotated[str, typer.Option(help="Comma-separated levels: L0,L1,L2,L3,L4.")] = "L0,L1,L2,L3,L4",
+    levels: Annotated[
+        str, typer.Option(help=f"Comma-separated levels, of: {', '.join(f'{k} ({v})' for k, v in LEVELS.items())}.")
+    ] = "L0,L1,L2,L3,L4",
     arms: Annotated[
         str,
         typer.Option(
-            help="Comma-separated arms: baseline, center, standardize, vinit, standardize+vinit, center+vinit, "
-            "standardize+segrms, base, base+segrms (base: fine-tune the pretrained base)."
+            help=f"Comma-separated arms, of: {', '.join(LADDER_ARMS)} (base: fine-tune the pretrained base; "
+            "segrms: seg_prompt_rms 0.5; pos: image_token_pos sincos; vinit: vision_init_std 0.1)."
         ),
     ] = "baseline,center,standardize",
     base: Annotated[Path | None, typer.Option(help="The base of the base arm (default: the shipped one).")] = None,

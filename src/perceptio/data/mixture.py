@@ -2,7 +2,7 @@
 
 A curriculum gives a dataset's weight as a function of the training step: breakpoints ``(step, weight)``,
 linear in between, held constant before the first and after the last (AURORA moves from mostly depth
-generation to mostly reasoning this way, spec.md B.5). Weights are normalised over the datasets at each step.
+generation to mostly reasoning this way). Weights are normalised over the datasets at each step.
 
 :class:`MixtureSampler` draws every batch from a generator seeded with ``(seed, step)`` alone, so a run resumed
 at step k draws exactly the batches the uninterrupted run would have drawn.

@@ -1,6 +1,6 @@
 """How each sample becomes a prompt and a target: the one place that decides the answer format.
 
-Order (decision 4): one segmentation token per referred object, then the depth span (when the task is spatial
+Order: one segmentation token per referred object, then the depth span (when the task is spatial
 and ``depth_cot`` is on), then the answer text. With ``depth_cot=False`` (direct answering, the ablation of
 the spatial chain of thought) no depth span is written; the segmentation token stays for referring
 segmentation, as in Sa2VA, since masks come from it.

@@ -60,7 +60,7 @@ __all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"
 logger = logging.getLogger(__name__)
 
 TASKS = ("refcoco", "hardblink", "blink", "mmbench", "depth", "vqa")
-SEGMENT_PROMPT = "Please segment {expr} in this image."  # the LISA / Sa2VA evaluation prompt (spec.md A.12)
+SEGMENT_PROMPT = "Please segment {expr} in this image."  # the LISA / Sa2VA evaluation prompt
 DEPTH_PROMPT = "What is the depth map for the image?"
 
 
@@ -82,7 +82,7 @@ class EvalSettings:
         batch_size: prompts per generation batch.
         resume: keep the samples already in ``predictions.jsonl``.
         spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
-        constrain: constrain the depth-span grammar while decoding (decision 8).
+        constrain: constrain the depth-span grammar while decoding (the default, so every span is well-formed).
     """
 
     task: str
@@ -225,6 +225,7 @@ def _score(
         return {
             "gold": sample.answer,
             "correct": normalize_answer(prediction.answer) == normalize_answer(sample.answer),
+            "category": sample.meta.get("category"),
         }
     if truth is None:
         return {"decoded": decoded is not None}
@@ -260,12 +261,26 @@ def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | 
             "programmatic": programmatic.result() if programmatic.point_counts else None,
         }
         result["unparsed_rate"] = float(np.mean([s["letter"] is None for s in scores])) if scores else None
+        # does the written letter follow from the model's own span? (questions whose span could be read)
+        read = [s for s in scores if s["programmatic"] is not None]
+        agree = [s["letter"] == s["programmatic"] for s in read]
+        result["letter_span_agreement"] = float(np.mean(agree)) if read else None
+        result["span_read_rate"] = len(read) / len(scores) if scores else None
     elif task == "mmbench":
         mm = [MMBenchRecord(s["index"], s["gold"], s["letter"], s["category"], s["l2_category"]) for s in scores]
         expected = [int(x.meta["index"]) for x in samples] if samples is not None else None
         result = score_mmbench(mm, expected_indices=expected)
     elif task == "vqa":
-        result = {"accuracy": float(np.mean([s["correct"] for s in scores])) if scores else None}
+        by_category: dict[str, list[bool]] = {}
+        for s in scores:
+            by_category.setdefault(s.get("category") or "unknown", []).append(bool(s["correct"]))
+        result = {
+            "accuracy": float(np.mean([s["correct"] for s in scores])) if scores else None,
+            "by_category": {
+                name: {"accuracy": float(np.mean(hits)), "count": len(hits)}
+                for name, hits in sorted(by_category.items())
+            },
+        }
     else:
         decoded = [s for s in scores if s["decoded"]]
         scored = [s for s in scores if "abs_rel" in s]

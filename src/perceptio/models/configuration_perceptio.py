@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_LOSS_WEIGHTS", "IMAGE_TOKEN_NORMS", "PerceptioConfig"]
 #: Values of ``PerceptioConfig.image_token_norm``.
 IMAGE_TOKEN_NORMS = ("none", "center", "standardize")
 
-#: Weights of the named loss terms (decision 6; spec.md A.6-A.9).
+#: Weights of the named loss terms (mask terms as in Sa2VA and LISA; the depth-token ones are our defaults).
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "text": 1.0,
     "depth_token": 1.0,
@@ -23,7 +23,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "depth_recon": 0.5,
     "mask_bce": 2.0,
     "mask_dice": 0.5,
-    # Not in decision 6: with SAM2's multimask output (spec.md A.3), the IoU head that picks a mask at inference
+    # Beyond Sa2VA's mask losses: with SAM2's multimask output, the IoU head that picks a mask at inference
     # must learn the candidates' IoU; SAM trains it with an MSE of weight 1.
     "mask_iou": 1.0,
 }
@@ -41,7 +41,7 @@ class PerceptioConfig(PretrainedConfig):
         loss_weights: weights of the named loss terms; missing names take ``DEFAULT_LOSS_WEIGHTS``.
         seg_hidden_dim: width of the hidden layer of the segmentation-token -> SAM2 prompt MLP (default: the LLM width).
         seg_multimask: use SAM2's three candidate masks: training supervises the best-matching one and the IoU
-            head, inference keeps the candidate with the highest predicted IoU (spec.md A.3). False: one mask
+            head, inference keeps the candidate with the highest predicted IoU (as in Sa2VA). False: one mask
             (decoder token 0), no IoU head.
         image_token_pos: ``"sincos"`` adds a fixed 2-D sine-cosine position table (times a learned gain) to the
             image tokens after ``image_token_norm``. A random vision tower's tokens carry no position (its position

@@ -1,4 +1,4 @@
-"""Constrained decoding of the depth span (decision 8) and a lenient parser of generated ids.
+"""Constrained decoding of the depth span (the default: every span well-formed) and a lenient parser of generated ids.
 
 :class:`DepthSpanLogitsProcessor` enforces the grammar while decoding: outside a span, no codes and no end
 marker; after the start marker, exactly N codes, then the end marker; at most one span. It keeps a small state

@@ -230,7 +230,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         return model
 
     def frozen_modules(self) -> list[nn.Module]:
-        """What never trains (decision 7): the depth tokenizer; SAM2's image encoder, with the two convolutions
+        """What never trains: the depth tokenizer; SAM2's image encoder, with the two convolutions
         SAM2 applies to its high-resolution features inside the frozen feature path; and the SAM2 parts the
         segmentation-token path does not use: the point and mask prompt embeddings (the dense prompt is the
         learned no-mask embedding, which trains) and the IoU and object-score heads (training supervises mask
@@ -252,10 +252,21 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             frozen.append(sam.mask_decoder.iou_prediction_head)
         return frozen
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The parameters of :meth:`frozen_modules`, plus the projector's output bias when the image tokens are
+        centred (``image_token_norm`` ``"center"`` or ``"standardize"``): the centring removes a bias shared by
+        every token, so its gradient is rounding noise, which Adam would turn into full-size random steps."""
+        params = [p for module in self.frozen_modules() for p in module.parameters()]
+        if self.config.image_token_norm != "none":
+            last = [m for m in self.vlm.model.multi_modal_projector.modules() if isinstance(m, nn.Linear)][-1]
+            if last.bias is not None:
+                params.append(last.bias)
+        return params
+
     def freeze_frozen_parts(self) -> None:
-        """Freeze :meth:`frozen_modules` (and keep the depth tokenizer and image encoder in eval mode)."""
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
+        """Freeze :meth:`frozen_parameters` (and keep the depth tokenizer and image encoder in eval mode)."""
+        for param in self.frozen_parameters():
+            param.requires_grad_(False)
         self.depth_tokenizer.eval()
         self.segmenter.vision_encoder.eval()
 

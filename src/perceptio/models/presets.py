@@ -48,8 +48,8 @@ class ModelPreset:
 
 
 def tiny_sam2_config(image_size: int = 64, hidden: int = 32) -> Sam2Config:
-    """A same-architecture SAM2 small enough for CPU tests (stack.md 2b), with the decoder's stability-based
-    token swap off (stack.md section 7)."""
+    """A same-architecture SAM2 small enough for CPU tests, with the decoder's stability-based token swap
+    off (in eval mode it would swap in candidate masks that single-mask training leaves untrained)."""
     dims = [16, 32, 64, 128]
     backbone = Sam2HieraDetConfig(
         hidden_size=dims[0],

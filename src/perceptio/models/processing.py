@@ -34,7 +34,7 @@ class PerceptioProcessor:
 
     Args:
         text_tokenizer: the model's text tokenizer (with InternVL's image tokens and the perception tokens).
-        image_processor: InternVL's image processor (a PIL one; see stack.md on torchvision).
+        image_processor: InternVL's image processor (a PIL one: torchvision is not a dependency).
         image_seq_length: ``<IMG_CONTEXT>`` tokens per image (the VLM config's ``image_seq_length``).
         sam_image_size: SAM2's input side in pixels.
         system_prompt: optional system turn placed before the user turn.

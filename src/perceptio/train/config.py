@@ -125,7 +125,7 @@ class DataConfig:
     depth_cot: bool = True
     """Write the depth span before the answer on spatial tasks (False: answer directly)."""
     seg_depth_span: bool = True
-    """Referring-segmentation targets carry the depth span after the segmentation token (decision 4)."""
+    """Referring-segmentation targets carry the depth span after the segmentation token (the answer order)."""
     teacher: Path | None = None
     """A local Depth Anything checkpoint that makes depth targets for images without a depth map."""
     skip_bad: bool = False
@@ -186,7 +186,7 @@ class TrainableConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay (spec.md A.11 for the paper-scale values)."""
+    """AdamW with linear warm-up and cosine decay (configs/paper_*.yaml hold the paper-scale values, Sa2VA's)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0

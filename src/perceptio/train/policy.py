@@ -69,7 +69,7 @@ def _group(name: str) -> str:
 
 def plan_policy(model: PerceptioForConditionalGeneration, config: TrainableConfig) -> TrainablePlan:
     """Decide every parameter's mode (nothing is changed yet)."""
-    fixed = {id(p) for module in model.frozen_modules() for p in module.parameters()}
+    fixed = {id(p) for p in model.frozen_parameters()}
     patterns = list(config.rules.items())
     modes: dict[str, str] = {}
     matched = dict.fromkeys(config.rules, False)

@@ -1,4 +1,4 @@
-"""The depth convention of the tokenizer (decision 5) and the helpers that get maps into it and back.
+"""The depth convention of the tokenizer (AURORA's) and the helpers that get maps into it and back.
 
 Tokenizer maps are **relative inverse depth, min-max normalised per image to [0, 1], 1 = nearest**, resized
 with nearest neighbour to the tokenizer's input size. Inside the network they are mapped to [-1, 1].
