@@ -35,7 +35,7 @@ import numpy as np
 
 __all__ = ["QuickstartConfig", "TARGETS", "run_quickstart"]
 
-STAGES = ("world", "tokenizer", "segmenter", "train", "eval", "predictions", "report")
+STAGES = ("world", "baseline", "tokenizer", "segmenter", "train", "eval", "predictions", "report")
 EVAL_TASKS = ("refcoco", "hardblink", "depth", "vqa")
 SPAN_TASKS = ("hardblink", "depth")
 """Tasks whose answers follow a depth span: evaluated a second time with unconstrained decoding."""
@@ -61,6 +61,9 @@ class QuickstartConfig:
     eval_batch_size: int = 16
     gallery: int = 4
     """Val images in the gallery (each gets a segmentation, a depth and a question prompt)."""
+    baseline_steps: int = 1000
+    """Training steps of the FiLM CNN trained directly on the VQA split (the report's "how hard is the data" row;
+    see perceptio.baselines); 0 skips it."""
     progress: bool = True
     base: Path | None = field(default_factory=lambda: _default_base())
     """The pretrained tiny base Perceptio is fine-tuned from (default: the one shipped with the package); None
@@ -71,6 +74,8 @@ class QuickstartConfig:
             raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
         if self.gallery < 0 or self.eval_batch_size < 1 or (self.eval_limit is not None and self.eval_limit < 1):
             raise ValueError("gallery must be >= 0, eval_batch_size >= 1 and eval_limit >= 1 (or None)")
+        if self.baseline_steps < 0:
+            raise ValueError(f"baseline_steps must be >= 0 (0 skips the baseline), got {self.baseline_steps}")
 
 
 def _default_base() -> Path | None:
@@ -235,6 +240,7 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
     stages = _Stages.load(out / "stages.json")
     paths = {
         "world": out / "world",
+        "baseline": out / "baseline",
         "tokenizer": out / "tokenizer",
         "segmenter": out / "segmenter",
         "train": out / "train",
@@ -245,6 +251,7 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
     previous = ""
     settings = {
         "world": (config.num_images, config.world_seed, config.image_size),
+        "baseline": (config.baseline_steps, asdict(_baseline_config(config))),
         "tokenizer": (config.tokenizer_steps,),
         "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
         "train": (asdict(recipe), _base_fingerprint(config.base)),
@@ -254,6 +261,7 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
     }
     runners: dict[str, Callable[[bool], None]] = {  # argument: resume an interrupted run of the same stage
         "world": lambda resume: _world(config, paths["world"]),
+        "baseline": lambda resume: _baseline(config, paths),
         "tokenizer": lambda resume: _tokenizer(config, paths, resume),
         "segmenter": lambda resume: _segmenter(config, paths),
         "train": lambda resume: _train(config, recipe, resume),
@@ -298,6 +306,25 @@ def _world(config: QuickstartConfig, world: Path) -> None:
         config=WorldConfig(image_size=config.image_size),
         overwrite=True,
     )
+
+
+def _baseline_config(config: QuickstartConfig):  # noqa: ANN202 - FilmBaselineConfig
+    from perceptio.baselines import FilmBaselineConfig
+
+    return FilmBaselineConfig(steps=max(1, config.baseline_steps))
+
+
+def _baseline(config: QuickstartConfig, paths: dict[str, Path]) -> None:
+    """The FiLM CNN trained on the world's VQA alone: ``baseline/film_vqa.json`` (or a note that it was skipped)."""
+    from perceptio.baselines import train_film_baseline
+
+    out = paths["baseline"]
+    out.mkdir(parents=True, exist_ok=True)
+    if config.baseline_steps == 0:
+        result: dict[str, Any] = {"skipped": True}
+    else:
+        result = train_film_baseline(paths["world"], _baseline_config(config), progress=config.progress)
+    (out / "film_vqa.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _tokenizer(config: QuickstartConfig, paths: dict[str, Path], resume: bool) -> None:
@@ -586,6 +613,12 @@ def _gallery(paths: dict[str, Path]):  # noqa: ANN202 - PIL image or None
     return sheet
 
 
+def _baseline_cell(accuracy: float | None, film: dict[str, Any]) -> str:
+    if film.get("skipped"):
+        return "FiLM CNN baseline skipped"
+    return f"{_fmt(accuracy, True)} (FiLM CNN trained on VQA alone, {film['steps']} steps, {film['seconds']:.0f} s)"
+
+
 def _report_text(
     config: QuickstartConfig,
     paths: dict[str, Path],
@@ -595,6 +628,8 @@ def _report_text(
 ) -> str:
     ref, seg, depth = summary["reference"], summary["refcoco"], summary["depth"]
     loose = summary["depth_unconstrained"]
+    film_file = paths["baseline"] / "film_vqa.json"
+    film = json.loads(film_file.read_text()) if film_file.is_file() else {"skipped": True}
     lines = [
         "# Perceptio quickstart report",
         "",
@@ -643,7 +678,14 @@ def _report_text(
         "(mean training map) |",
         f"| | delta<1.25 | {_fmt(depth.get('delta1'), True)} | {_fmt(ref['mean_map_delta1'], True)} |",
         f"| | spans decoded | {_fmt(depth.get('decoded_rate'), True)} | |",
-        f"| VQA ({summary['vqa']['count']} questions) | accuracy | {_fmt(summary['vqa'].get('accuracy'), True)} | |",
+        f"| VQA ({summary['vqa']['count']} questions) | accuracy | {_fmt(summary['vqa'].get('accuracy'), True)} | "
+        f"{_baseline_cell(film.get('accuracy'), film)} |",
+        *[
+            f"| VQA, {name} ({entry['count']}) | accuracy | {_fmt(entry['accuracy'], True)} | "
+            f"{_fmt(ref.get('vqa_prior_by_category', {}).get(name), True)} (answer prior); "
+            f"{_baseline_cell(film.get('by_category', {}).get(name, {}).get('accuracy'), film)} |"
+            for name, entry in summary["vqa"].get("by_category", {}).items()
+        ],
         f"| spatial spans (relative depth + depth) | well-formed, unconstrained decoding | "
         f"{_fmt(summary['well_formed_rate'], True)} | |",
         f"| depth, unconstrained decoding | AbsRel | {_fmt(loose.get('abs_rel'))} | "

@@ -102,6 +102,7 @@ def test_mmbench_limit_keeps_whole_circular_groups(model_dir: Path, world_dir: P
     assert metrics["num_records"] > 2  # the copies of both questions
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     common = [
         "eval", "refcoco", "--model", str(model_dir), "--data", str(world_dir), "--split", "val", "--limit", "10",
@@ -170,6 +171,7 @@ def test_predict_python_api_with_two_objects(model_dir: Path, world_dir: Path, t
     assert Image.open(folder / "mask_1.png").size == image.size
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HARDBLINK.is_dir(), reason="../shared/benchmarks/hardblink is not present")
 def test_hardblink_runs_on_all_372_questions(model_dir: Path, tmp_path: Path) -> None:
     metrics = run_eval(_settings("hardblink", model_dir, HARDBLINK, tmp_path, spatial_cot=False), progress=False)

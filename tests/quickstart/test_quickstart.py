@@ -24,7 +24,7 @@ runner = CliRunner()
 
 OPTIONS = [
     "--recipe", str(RECIPE), "--num-images", "40", "--tokenizer-steps", "5", "--segmenter-steps", "5",
-    "--eval-limit", "4", "--gallery", "2",
+    "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "3",
 ]  # fmt: skip
 RECIPE_OVERRIDES = [
     "run.checkpoint_every=2", "run.log_every=1", "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4",
@@ -52,6 +52,9 @@ def test_every_stage_runs_and_the_report_is_written(quickstart_run: tuple[Path, 
     report = (out / "report.md").read_text()
     for target in TARGETS:
         assert f"| {target.name} |" in report
+    film = json.loads((out / "baseline" / "film_vqa.json").read_text())
+    assert film["steps"] == 3 and 0.0 <= film["accuracy"] <= 1.0
+    assert "(FiLM CNN trained on VQA alone, 3 steps" in report and "(answer prior)" in report
     assert "![loss curves](loss_curves.png)" in report and "![gallery](gallery.png)" in report
     curves, gallery = Image.open(out / "loss_curves.png"), Image.open(out / "gallery.png")
     assert curves.size == (640, 720) and gallery.width == 640 and gallery.height > 2 * 160
@@ -190,6 +193,7 @@ def test_line_chart_draws_each_series_in_its_colour() -> None:
     assert LINE_COLORS[0] not in {tuple(p) for p in empty.reshape(-1, 3)}
 
 
+@pytest.mark.slow
 def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) -> None:
     out = tmp_path / "exp"
     args = [

@@ -30,6 +30,7 @@ def test_interior_points_and_boxes_lie_on_their_objects(world_dir: Path) -> None
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and x0 <= x <= x1 and y0 <= y <= y1
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss_and_loads_into_the_model(world_dir: Path, tmp_path: Path) -> None:
     samples = read_refer(world_dir, "refcoco", split="train", image_root=world_dir / "images")
     objects = load_objects(samples, 64)

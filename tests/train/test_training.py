@@ -224,6 +224,7 @@ def test_resume_refuses_another_recipe(world_dir: Path, tmp_path: Path) -> None:
     assert result.steps == 1 and not (tmp_path / "checkpoints").exists() and len(_losses(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_follow_the_uninterrupted_run(world_dir: Path, tmp_path: Path) -> None:
     common = ["run.steps=30", "run.checkpoint_every=5", "run.global_batch_size=4", "run.micro_batch_size=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -249,6 +250,7 @@ def test_sigkill_and_resume_follow_the_uninterrupted_run(world_dir: Path, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(strategy: str, world_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) and the same global batch: same losses and weights as 1 process."""

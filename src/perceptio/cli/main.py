@@ -588,6 +588,9 @@ def quickstart(
         int | None, typer.Option(min=1, help="Evaluate only the first N samples of each task.")
     ] = None,
     gallery: Annotated[int, typer.Option(min=0, help="Val images in the report's gallery.")] = 4,
+    baseline_steps: Annotated[
+        int, typer.Option(min=0, help="Steps of the FiLM CNN VQA baseline shown in the report (0: skip it).")
+    ] = 1000,
     base: Annotated[
         Path | None, typer.Option(help="The pretrained base to fine-tune from (default: the shipped tiny base).")
     ] = None,
@@ -618,6 +621,7 @@ def quickstart(
             segmenter_steps=segmenter_steps,
             eval_limit=eval_limit,
             gallery=gallery,
+            baseline_steps=baseline_steps,
             **({"base": None} if from_scratch else {"base": base} if base is not None else {}),
         )
         if from_scratch and base is not None:

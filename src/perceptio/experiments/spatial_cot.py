@@ -225,6 +225,7 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
         num_images=config.num_images,
         tokenizer_steps=config.tokenizer_steps,
         segmenter_steps=config.segmenter_steps,
+        baseline_steps=0,  # the quickstart's FiLM VQA baseline is not part of this experiment
         progress=config.progress,
     )
     echo("[1/4] world, depth tokenizer and pretrained segmenter")
