@@ -18,7 +18,6 @@ with ``model.init`` and nothing else to point at.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PretrainConfig", "file_hashes", "run_pretrain"]
+__all__ = ["PretrainConfig", "run_pretrain"]
 
 STAGES = ("world", "alignment", "tokenizer", "segmenter", "train", "base")
 
@@ -54,16 +53,6 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
             raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
-
-
-def file_hashes(folder: str | Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` except ``SHA256SUMS`` and the model card, by relative path."""
-    folder = Path(folder)
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in ("SHA256SUMS", "MODEL_CARD.md")
-    }
 
 
 def _manifest(world: Path) -> str:
@@ -180,11 +169,9 @@ def _alignment(world: Path, echo: Callable[[str], None]) -> None:
 
 def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, dict[str, Any]]) -> None:
     from perceptio.utils.jsonl import read_jsonl
+    from perceptio.weights import export_model
 
-    base = paths["base"]
-    shutil.copytree(paths["train"] / "model", base)
-    hashes = file_hashes(base)
-    (base / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in hashes.items()))
+    model = paths["train"] / "model"
     logs = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "loss" in r]
     evals = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "eval" in r]
     recipe = _recipe(config)
@@ -212,10 +199,9 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
             lines.append(f"| wall time, {name} | {record['seconds']} s |")
     if evals:
         lines.append(f"| last quick eval | {json.dumps(evals[-1]['eval'])} |")
-    for name, gap in _image_use(recipe, base).items():
+    for name, gap in _image_use(recipe, model).items():
         lines.append(
             f"| image-use gap, {name} (val) | {gap['gap']:+.3f} nats (loss {gap['real']['loss']:.3f} with the right "
             f"images, {gap['shuffled']['loss']:.3f} shuffled; {gap['count']} examples) |"
         )
-    lines += ["", "## Files (SHA-256)", "", *[f"- `{name}`: `{digest}`" for name, digest in hashes.items()], ""]
-    (base / "MODEL_CARD.md").write_text("\n".join(lines))
+    export_model(model, paths["base"], lines)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QuickstartConfig", "TARGETS", "run_quickstart"]
+__all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
 STAGES = ("world", "baseline", "tokenizer", "segmenter", "train", "eval", "predictions", "report")
 EVAL_TASKS = ("refcoco", "hardblink", "depth", "vqa")
@@ -291,6 +291,54 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
             break
     echo(f"finished in {time.perf_counter() - began:.0f} s (this run)")
     return out / "report.md"
+
+
+def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, command: str | None = None) -> Path:
+    """Copy a finished quickstart's model to ``dest`` with a model card (what made it, its targets table and its
+    image-use gaps, from ``report.md``'s figures) and ``SHA256SUMS``: how ``tiny-perceptio`` is shipped."""
+    from perceptio.weights import export_model
+
+    out = Path(config.out)
+    stages = _Stages.load(out / "stages.json")
+    if stages.records.get("report", {}).get("status") != "done":
+        raise FileNotFoundError(f"{out} holds no finished quickstart (stages.json has no finished report stage)")
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    recipe = _recipe(
+        config,
+        {
+            "world": out / "world",
+            "tokenizer": out / "tokenizer",
+            "segmenter": out / "segmenter",
+            "train": out / "train",
+        },
+    )
+    lines = [
+        "# Perceptio tiny model (quickstart)",
+        "",
+        "A `tiny` Perceptio model trained on the synthetic world by `perceptio quickstart`: it writes a segmentation "
+        "token, a depth span and an answer, like the paper's model, at a size that runs on a CPU. It is the default "
+        "model of `perceptio predict`, `perceptio eval` and `Perceptio.from_pretrained()` with no path.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| command | `{command or 'perceptio quickstart'}` |",
+        f"| started from | {f'the pretrained tiny base `{config.base}`' if config.base else 'random weights'} |",
+        f"| recipe | `{config.recipe}` {' '.join(config.overrides)} |",
+        f"| world | {config.num_images} images, seed {config.world_seed}, {config.image_size} px |",
+        f"| steps | {recipe.run.steps} of batch {recipe.run.global_batch_size}, seed {recipe.run.seed} |",
+        *[f"| wall time, {name} | {r['seconds']} s |" for name, r in stages.records.items() if "seconds" in r],
+        "",
+        "## Targets (val split)",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for target in TARGETS:
+        value, met = target.check(summary)
+        lines.append(
+            f"| {target.name} | {value} | {target.describe} | {'n/a' if met is None else 'yes' if met else 'no'} |"
+        )
+    return export_model(out / "train" / "model", dest, lines)
 
 
 # --------------------------------------------------------------------------------------------------- stages

@@ -17,6 +17,7 @@ from perceptio.cli.main import app
 from perceptio.data.readers import read_hardblink
 from perceptio.quickstart import STAGES, TARGETS
 from perceptio.utils.viz import LINE_COLORS, line_chart
+from perceptio.weights import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "configs" / "tiny_synth.yaml"
@@ -66,6 +67,20 @@ def test_every_stage_runs_and_the_report_is_written(quickstart_run: tuple[Path, 
         for folder in entry["outputs"].values():
             record = json.loads((out / "predictions" / folder / "prediction.json").read_text())
             assert record["prompt"] and (out / "predictions" / folder / "overlay.png").is_file()
+
+
+def test_export_ships_the_model_with_a_card_and_checksums(quickstart_run: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = quickstart_run
+    dest = tmp_path / "tiny-perceptio"
+    result = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT, "--export", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert "train: finished earlier" in result.output and f"exported: {dest}" in result.output
+    verify(dest)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "## Targets (val split)" in card and all(f"| {t.name} |" in card for t in TARGETS)
+    assert "`model.safetensors`" in card
+    again = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT, "--export", str(dest)])
+    assert again.exit_code == 2 and "exists" in again.output  # never overwrites a shipped model
 
 
 def test_summary_metrics_and_baselines_are_measured(quickstart_run: tuple[Path, str]) -> None:

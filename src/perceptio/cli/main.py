@@ -597,6 +597,10 @@ def quickstart(
     from_scratch: Annotated[
         bool, typer.Option("--from-scratch", help="Train Perceptio from random weights instead of the base.")
     ] = False,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="After the report, copy the model here with a model card and SHA256SUMS (a new folder)."),
+    ] = None,
 ) -> None:
     """The main job, end to end: render the synthetic world, pretrain the tiny SAM2 and depth tokenizer, fine-tune
     Perceptio from the pretrained tiny base, evaluate it on the val split, predict a few images and write a report.
@@ -606,7 +610,7 @@ def quickstart(
     from perceptio.config import ConfigError
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import IncompleteEvaluationError
-    from perceptio.quickstart import QuickstartConfig, run_quickstart
+    from perceptio.quickstart import QuickstartConfig, export_quickstart_model, run_quickstart
 
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
@@ -628,7 +632,11 @@ def quickstart(
             _fail("--base and --from-scratch exclude each other")
         typer.echo(f"starting from {config.base or 'random weights (--from-scratch)'}")
         report = run_quickstart(config, echo=typer.echo)
+        if export is not None:
+            command = "perceptio quickstart " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+            typer.echo(f"exported: {export_quickstart_model(config, export, command=command)}")
     except (
+        FileExistsError,
         ConfigError,
         DataError,
         FileNotFoundError,
@@ -665,6 +673,13 @@ def experiment_spatial_cot(
     arms: Annotated[
         str, typer.Option(help="Comma-separated arms to run: spatial, direct, no_marker_count.")
     ] = "spatial,direct,no_marker_count",
+    base: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tune every arm from this pretrained base (default: the shipped tiny base, tiny only)."),
+    ] = None,
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Train every arm from the preset's random weights.")
+    ] = False,
 ) -> None:
     """Train and evaluate, on the same data and budget, Perceptio with spatial tokens before the answer, the same
     model answering directly, and Perceptio without the marker and count losses; write results.md."""
@@ -673,10 +688,20 @@ def experiment_spatial_cot(
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
     budget = f"--steps {steps}" if steps is not None else f"--budget-minutes {budget_minutes:g}"
+    if from_scratch and base is not None:
+        _fail("--base and --from-scratch exclude each other")
+    if base is None and not from_scratch and preset == "tiny":
+        from perceptio.weights import shipped
+
+        try:
+            base = shipped("tiny-base")
+        except FileNotFoundError:
+            base = None  # a checkout without the shipped weights trains from scratch, as the report says
+    start = f" --base {base}" if base is not None else " --from-scratch"
     command = (
         f"perceptio experiment spatial-cot --out {out} {budget} --preset {preset} --seeds {seeds} --recipe {recipe} "
         f"--num-images {num_images} --eval-limit {eval_limit} --tokenizer-steps {tokenizer_steps} "
-        f"--segmenter-steps {segmenter_steps} --arms {arms}" + "".join(f" {o}" for o in overrides or [])
+        f"--segmenter-steps {segmenter_steps} --arms {arms}{start}" + "".join(f" {o}" for o in overrides or [])
     )
     try:
         config = SpatialCotConfig(
@@ -693,6 +718,7 @@ def experiment_spatial_cot(
             tokenizer_steps=tokenizer_steps,
             segmenter_steps=segmenter_steps,
             arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
+            base=base,
             **({"jobs": jobs} if jobs else {}),
         )
         run_spatial_cot(config, echo=typer.echo)

@@ -89,6 +89,9 @@ class SpatialCotConfig:
     progress: bool = True
     command: str | None = None
     """The command line that started the experiment, recorded with the results."""
+    base: Path | None = None
+    """A pretrained base every arm fine-tunes from (``model.init``; the ``tiny`` preset's architecture), as the
+    paper fine-tunes from InternVL; None trains every arm from the preset's random weights."""
 
     def __post_init__(self) -> None:
         known = {arm.name for arm in ARMS}
@@ -100,6 +103,8 @@ class SpatialCotConfig:
             raise ValueError("give --steps or a positive --budget-minutes")
         if self.preset not in ("tiny", "smol"):
             raise ValueError(f"preset must be tiny or smol, got {self.preset!r}")
+        if self.base is not None and not (Path(self.base) / "config.json").is_file():
+            raise FileNotFoundError(f"{self.base}/config.json not found: --base must be a saved Perceptio model")
 
 
 @dataclass
@@ -175,8 +180,11 @@ def _train_command(config: SpatialCotConfig, overrides: list[str], out_dir: Path
 
 
 def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
+    start = [f"model.preset={config.preset}"]
+    if config.base is not None:
+        start = ["model.preset=null", f"model.init={config.base}"]
     return [
-        f"model.preset={config.preset}",
+        *start,
         f"data.root={out / 'world'}",
         f"model.depth_tokenizer={out / 'tokenizer'}",
         f"model.segmenter_weights={out / 'segmenter'}",
