@@ -232,9 +232,18 @@ def _digest(*parts: Any) -> str:
 
 
 def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = print, until: str = STAGES[-1]) -> Path:
-    """Run (or resume) every stage up to ``until`` (default: all); returns the path of ``report.md``."""
+    """Run (or resume) every stage up to ``until`` (default: all); returns the path of ``report.md``.
+
+    Raises ``RunFolderLockedError`` at once when another process runs a quickstart in ``config.out``."""
+    from perceptio.utils.runlock import run_lock
+
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    with run_lock(config.out, "quickstart"):  # its stages lock their own sub-folders too
+        return _run_quickstart(config, echo=echo, until=until)
+
+
+def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], until: str) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages.load(out / "stages.json")

@@ -141,9 +141,10 @@ def test_predict_writes_every_file(model_dir: Path, world_dir: Path, tmp_path: P
         app, ["predict", "--model", str(model_dir), "--image", str(image), "--prompt", prompt, "--out", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
-    folder = tmp_path / image.stem
+    folder = tmp_path / f"{image.stem}__p0"
     record = json.loads((folder / "prediction.json").read_text())
     assert record["prompt"] == prompt and "output" in record and "answer" in record
+    assert record["image"] == str(image) and len(record["image_sha256"]) == 64
     assert (folder / "overlay.png").is_file()
     masks = sorted(folder.glob("mask_*.png"))
     assert len(masks) == record["num_masks"]

@@ -60,3 +60,16 @@ def test_shipped_weights_match_their_model_card(name: str) -> None:
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, _, file_name = line.partition("  ")
         assert f"`{file_name}`: `{digest}`" in card  # the card names the same hashes as the checksums
+
+
+def test_the_shipped_model_predicts_with_no_training(world_dir: Path, tmp_path: Path) -> None:
+    from perceptio.inference import Perceptio
+
+    image = sorted((world_dir / "images").glob("*.png"))[0]
+    model = Perceptio.from_pretrained(device="cpu")  # the shipped tiny-perceptio
+    assert model.model.config.image_token_norm == "standardize"
+    prediction = model.predict(image, "Please segment the red sphere.")
+    assert prediction.text and prediction.masks is not None
+    result = runner.invoke(app, ["predict", "--out", str(tmp_path / "p"), "--image", str(image), "--prompt", "Hi"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p").rglob("prediction.json"))) == 1

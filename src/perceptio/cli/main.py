@@ -249,6 +249,7 @@ def tokenizer_train(
     from perceptio.data.errors import DataError
     from perceptio.tokenizers.depth.pipeline import train_from_folder
     from perceptio.tokenizers.depth.train import TokenizerTrainConfig
+    from perceptio.utils.runlock import RunFolderLockedError
 
     try:
         config = TokenizerTrainConfig(
@@ -267,7 +268,15 @@ def tokenizer_train(
             resume=resume,
             skip_bad=skip_bad,
         )
-    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, KeyError, ValueError) as err:
+    except (
+        DataError,
+        FileExistsError,
+        FileNotFoundError,
+        FloatingPointError,
+        KeyError,
+        RunFolderLockedError,
+        ValueError,
+    ) as err:
         _fail(str(err).strip('"'))
     summary = json.loads((out / "training.json").read_text())
     final = summary["final"]
@@ -409,6 +418,7 @@ def train(
     from perceptio.tokenizers.depth.pipeline import default_cache_dir
     from perceptio.train.config import TrainConfig
     from perceptio.train.loop import train as run_training
+    from perceptio.utils.runlock import RunFolderLockedError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -420,6 +430,7 @@ def train(
         FileExistsError,
         FileNotFoundError,
         FloatingPointError,
+        RunFolderLockedError,
         ValueError,
     ) as err:
         _fail(str(err).strip('"'))
@@ -454,19 +465,15 @@ def predict(
     """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each."""
     from tqdm.auto import tqdm
 
-    from perceptio.inference import Perceptio
+    from perceptio.data.errors import DataError
+    from perceptio.inference import Perceptio, prediction_folder_names, read_prompts_jsonl
 
     pairs: list[tuple[Path, str]] = []
     if jsonl is not None:
-        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                path = Path(item["image"])
-                pairs.append((path if path.is_absolute() else jsonl.parent / path, str(item["prompt"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                _fail(f'{jsonl}:{number}: expected {{"image": PATH, "prompt": TEXT}} ({err})')
+        try:
+            pairs += read_prompts_jsonl(jsonl)
+        except DataError as err:
+            _fail(str(err))
     if image:
         if prompt is None:
             _fail("--image needs --prompt")
@@ -480,17 +487,15 @@ def predict(
         runner = Perceptio.from_pretrained(_model_or_shipped(model), device=device)
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(str(err))
-    names: dict[str, int] = {}
+    folders = prediction_folder_names([path for path, _ in pairs])  # unique per (image, prompt), stable
     bar = tqdm(total=len(pairs), desc="predict", disable=len(pairs) < 2)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         predictions = runner.predict(
             [p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot, batch_size=batch_size
         )
-        for (path, question), prediction in zip(chunk, predictions, strict=True):
-            count = names.get(path.stem, 0)
-            names[path.stem] = count + 1
-            folder = out / (path.stem if count == 0 else f"{path.stem}_{count}")
+        for k, ((path, question), prediction) in enumerate(zip(chunk, predictions, strict=True)):
+            folder = out / folders[start + k]
             runner.save_prediction(prediction, path, folder, prompt=question)
             depth = "yes" if prediction.depth is not None else "no"
             issues = f" issues: {'; '.join(prediction.issues)}" if prediction.issues else ""
@@ -531,6 +536,7 @@ def evaluate(
 
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import EvalSettings, IncompleteEvaluationError, run_eval
+    from perceptio.utils.runlock import RunFolderLockedError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -550,7 +556,7 @@ def evaluate(
             device=device,
         )
         metrics = run_eval(settings)
-    except (DataError, FileNotFoundError, ValueError, IncompleteEvaluationError) as err:
+    except (DataError, FileNotFoundError, ValueError, IncompleteEvaluationError, RunFolderLockedError) as err:
         _fail(str(err).strip('"'))
     if metrics:
         _print_table([("metric", "value")] + [(k, _format_metric(v)) for k, v in _flat_metrics(metrics).items()])
@@ -611,6 +617,7 @@ def quickstart(
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import IncompleteEvaluationError
     from perceptio.quickstart import QuickstartConfig, export_quickstart_model, run_quickstart
+    from perceptio.utils.runlock import RunFolderLockedError
 
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
@@ -642,6 +649,7 @@ def quickstart(
         FileNotFoundError,
         FloatingPointError,
         IncompleteEvaluationError,
+        RunFolderLockedError,
         ValueError,
     ) as err:
         _fail(str(err).strip('"'))
@@ -751,6 +759,7 @@ def pretrain(
     from perceptio.config import ConfigError
     from perceptio.data.errors import DataError
     from perceptio.pretrain import PretrainConfig, run_pretrain
+    from perceptio.utils.runlock import RunFolderLockedError
 
     if not recipe.is_file():
         _fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
@@ -773,7 +782,7 @@ def pretrain(
             command=command,
         )
         base = run_pretrain(config, echo=typer.echo)
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, RunFolderLockedError, ValueError) as err:
         _fail(str(err).strip('"'))
     typer.echo(f"base model: {base} (model card: {base / 'MODEL_CARD.md'})")
 

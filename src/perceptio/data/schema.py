@@ -39,6 +39,7 @@ __all__ = [
     "Sample",
     "Task",
     "Turn",
+    "as_rgb",
     "load_rgb",
 ]
 
@@ -103,6 +104,21 @@ def load_rgb(
             path=label,
             fix="re-download or re-encode the file; it is truncated or not an image",
         ) from None
+    rgb = as_rgb(image, name=label)
+    if expected_size is not None and rgb.size != tuple(expected_size):
+        raise DataError(
+            f"image is {rgb.size[0]}x{rgb.size[1]} but its annotation says {expected_size[0]}x{expected_size[1]} (WxH)",
+            path=label,
+            fix="the image and the annotation file do not belong together; check the image root",
+        )
+    return rgb
+
+
+def as_rgb(image: Image.Image, *, name: str = "<in-memory image>") -> Image.Image:
+    """``image`` in mode RGB, by the rules :func:`load_rgb` applies to files: 16/32-bit single-channel images
+    (depth maps, which ``convert("RGB")`` would saturate), modes without a defined conversion and transparent
+    pixels (whose colour is undefined) raise :class:`DataError` naming ``name``; other modes are converted."""
+    label = name
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         raise DataError(
@@ -125,14 +141,7 @@ def load_rgb(
                 path=label,
                 fix="flatten it onto a background first, e.g. Image.alpha_composite(background, img).convert('RGB')",
             )
-    rgb = image.convert("RGB") if mode != "RGB" else image
-    if expected_size is not None and rgb.size != tuple(expected_size):
-        raise DataError(
-            f"image is {rgb.size[0]}x{rgb.size[1]} but its annotation says {expected_size[0]}x{expected_size[1]} (WxH)",
-            path=label,
-            fix="the image and the annotation file do not belong together; check the image root",
-        )
-    return rgb
+    return image.convert("RGB") if mode != "RGB" else image
 
 
 @dataclass(frozen=True)

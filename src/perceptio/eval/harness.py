@@ -54,6 +54,7 @@ from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.evaluate import depth_metrics
 from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.runlock import run_lock
 
 __all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"]
 
@@ -324,7 +325,20 @@ def run_eval(
         settings: what to evaluate.
         progress: show a progress bar (main process).
         model: an already loaded model and processor (default: load ``settings.model``).
+
+    Raises:
+        RunFolderLockedError: another process evaluates (or trains) in ``settings.out``.
     """
+    with run_lock(settings.out, "evaluation"):  # under torchrun: rank 0 holds it for the job
+        return _run_eval(settings, progress=progress, model=model)
+
+
+def _run_eval(
+    settings: EvalSettings,
+    *,
+    progress: bool,
+    model: tuple[PerceptioForConditionalGeneration, PerceptioProcessor] | None,
+) -> dict[str, Any]:
     rank, world = _world()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -568,4 +568,17 @@ def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) ->
         f"lr {config.lr}, {config.seeds} seed(s); gap = val loss with shuffled images minus with the right ones "
         "(nats per question; 0: the image is not used)."
     )
+    lines += ["", "Accuracy (%; L6: cIoU) against steps, mean over seeds:", ""]
+    steps = sorted({point["step"] for r in results for point in r["curve"]})
+    lines += ["| level | arm | " + " | ".join(str(s) for s in steps) + " |", "|" + "---|" * (len(steps) + 2)]
+    for level in config.levels:
+        for arm in config.arms:
+            group = by.get((level, arm), [])
+            if not group:
+                continue
+            cells = []
+            for step in steps:
+                values = [100 * p["accuracy"] for r in group for p in r["curve"] if p["step"] == step]
+                cells.append(f"{np.mean(values):.1f}" if values else "-")
+            lines.append(f"| {level} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -129,13 +129,28 @@ def save_model(model: PerceptioForConditionalGeneration, processor: PerceptioPro
 
 
 def load_model(
-    directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    strict: bool = True,
 ) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
     """Load a model saved by :func:`save_model` (or ``perceptio train``'s ``model/`` folder): safetensors weights,
     the text tokenizer saved next to them (its perception-token ids are checked against the model's), the
-    processor."""
+    processor.
+
+    Every tensor of the model must be in the files, with its shape, and no other (``strict=False`` allows a
+    deliberate partial load; see :meth:`PerceptioForConditionalGeneration.from_pretrained`).
+
+    Raises:
+        FileNotFoundError: no config.json or no ``*.safetensors`` file.
+        CorruptWeightsError: a weights file is empty or cut short (the error names it).
+        WeightsMismatchError: tensors missing, unexpected or mis-shaped (the error names them).
+    """
     directory = _require_checkpoint(Path(directory), "the Perceptio model")
-    model = PerceptioForConditionalGeneration.from_pretrained(directory, use_safetensors=True, dtype=dtype)
+    model = PerceptioForConditionalGeneration.from_pretrained(
+        directory, use_safetensors=True, dtype=dtype, strict=strict
+    )
     text_tokenizer = AutoTokenizer.from_pretrained(directory)
     model.check_text_tokenizer(text_tokenizer)
     if device is not None:

@@ -7,6 +7,7 @@ greedy generation, then masks and depth at the original image size) and export (
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,60 @@ from perceptio.losses import (
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.models.generation import DepthSpanLogitsProcessor, parse_generated
 from perceptio.models.processing import PerceptioProcessor
-from perceptio.tokenizers.depth.model import DepthTokenizer
+from perceptio.tokenizers.depth.model import CheckpointMismatchError, DepthTokenizer
+from perceptio.utils.weights_files import check_safetensors_folder
 from perceptio.vocab import TokenIds, register_tokens
 
-__all__ = ["ImageTokenNorm", "ImageTokenPosition", "PerceptioForConditionalGeneration", "PerceptioOutput", "Prediction"]
+__all__ = [
+    "ImageTokenNorm",
+    "ImageTokenPosition",
+    "PerceptioForConditionalGeneration",
+    "PerceptioOutput",
+    "Prediction",
+    "WeightsMismatchError",
+]
+
+
+class WeightsMismatchError(CheckpointMismatchError):
+    """Saved weights that do not fit the model their ``config.json`` builds: tensors missing from the files,
+    tensors the model does not have, or tensors of another shape.
+
+    Attributes:
+        missing: names of the model's tensors absent from the files (sorted).
+        unexpected: names of tensors in the files the model does not have (sorted).
+        mismatched: ``(name, shape in the files, shape in the model)`` (sorted).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' multi-line LOAD REPORT warning while a strict load decides whether to raise (the
+    error then names the same tensors on one line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class ImageTokenNorm(nn.Module):
@@ -222,12 +273,68 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         return self.vlm.get_output_embeddings()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> PerceptioForConditionalGeneration:  # noqa: ANN002, ANN003
-        """``PreTrainedModel.from_pretrained`` (safetensors, local directories), then re-freezes the frozen parts:
-        loading materialises fresh parameters, which would otherwise all require gradients again."""
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(  # noqa: ANN206 - the model, or (model, loading info) with output_loading_info=True
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *args,  # noqa: ANN002
+        strict: bool = True,
+        **kwargs,  # noqa: ANN003
+    ):
+        """``PreTrainedModel.from_pretrained`` (safetensors, local directories), strict about the weights, then
+        re-freezes the frozen parts: loading materialises fresh parameters, which would otherwise all require
+        gradients again.
+
+        A local folder's ``*.safetensors`` files are checked first: an empty or cut-short file raises
+        :class:`~perceptio.utils.weights_files.CorruptWeightsError` naming it. With ``strict`` (the default) a
+        tensor of the model missing from the files, a tensor in the files the model lacks, or one of another shape
+        raises :class:`WeightsMismatchError` naming them (transformers alone would initialise a missing tensor at
+        random with only a warning). ``strict=False`` is for deliberate partial loads: missing tensors are
+        initialised and unexpected ones dropped, with transformers' report; a shape mismatch still raises unless
+        ``ignore_mismatched_sizes=True`` is passed too. Tied weights (e.g. an LM head tied to the input
+        embeddings) and buffers transformers knows to be absent do not count as missing.
+        """
+        folder = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        files = check_safetensors_folder(folder) if folder.is_dir() else []
+        want_info = kwargs.pop("output_loading_info", False)
+        resize = kwargs.pop("ignore_mismatched_sizes", False)
+        report_logger = logging.getLogger("transformers.modeling_utils")
+        hold = _HoldLoadReport()
+        if strict:
+            report_logger.addFilter(hold)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        finally:
+            report_logger.removeFilter(hold)
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        mismatched = sorted((str(k), tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"])
+        if (strict and (missing or unexpected)) or (mismatched and not (resize and not strict)):
+            where = str(files[0]) if len(files) == 1 else f"the weights in {pretrained_model_name_or_path}"
+            problems = []
+            if missing:
+                problems.append(f"missing tensor(s) {_names(missing)}")
+            if unexpected:
+                problems.append(f"unexpected tensor(s) {_names(unexpected)}")
+            if mismatched:
+                shapes = [f"{k} (file {list(a)}, model {list(b)})" for k, a, b in mismatched]
+                problems.append(f"mis-shaped tensor(s) {_names(shapes)}")
+            fix = (
+                "load with strict=False only for a deliberate partial load"
+                if strict
+                else "pass ignore_mismatched_sizes=True as well to re-initialise them"
+            )
+            raise WeightsMismatchError(
+                f"{where} does not fit the model its config.json describes: {'; '.join(problems)}. The files are "
+                f"damaged or mixed up with another model's; {fix}",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
+        for record in hold.held:  # nothing was raised: let transformers' report through after all
+            report_logger.handle(record)
         model.freeze_frozen_parts()
-        return model
+        return (model, info) if want_info else model
 
     def frozen_modules(self) -> list[nn.Module]:
         """What never trains: the depth tokenizer; SAM2's image encoder, with the two convolutions

@@ -8,10 +8,16 @@ and the target (the assistant's answer, spatial tokens included) is followed by 
 target are tokenised separately and concatenated, so the label boundary is exact; labels are ``IGNORE_INDEX``
 on the prompt and on padding. Training batches (with targets) are padded on the right; generation batches on
 the left, as generation needs.
+
+User text is plain text: the query (and the system prompt) is tokenised with the tokenizer's special-token
+matching off (:func:`encode_plain_text`), so a typed ``[SEG]``, ``<IMG_CONTEXT>`` or ``<|im_end|>`` is spelled
+in ordinary tokens and can neither forge a chat turn nor add an image slot. Only the template's own markers are
+control ids. Targets (the assistant's answers) are not escaped: they carry the spatial tokens on purpose.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,13 +26,71 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature, GotOcr2ImageProcessorPil
 
+from perceptio.data.schema import as_rgb
 from perceptio.losses import IGNORE_INDEX
 from perceptio.models.text_tokenizer import CHAT_TOKENS
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PerceptioProcessor"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PerceptioProcessor", "control_token_ids", "encode_plain_text"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Put after the first character of a control-token string in user text when the tokenizer cannot switch its
+# special-token matching off: the string no longer matches, and the text reads the same.
+_ZERO_WIDTH_SPACE = "\u200b"
+
+
+def control_token_ids(text_tokenizer) -> set[int]:  # noqa: ANN001 - a transformers tokenizer
+    """The ids no user text may produce: every special token, and every added token marked special (InternVL's
+    image tokens, the chat markers, the perception tokens)."""
+    added = getattr(text_tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {int(i) for i, token in added.items() if getattr(token, "special", True)}
+    return ids | {int(i) for i in text_tokenizer.all_special_ids}
+
+
+def _control_strings(text_tokenizer, control: set[int]) -> list[str]:  # noqa: ANN001
+    strings = {str(token) for token in (getattr(text_tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    strings = {s for s in strings if text_tokenizer.convert_tokens_to_ids(s) in control}
+    strings |= set(text_tokenizer.all_special_tokens)
+    return sorted((s for s in strings if s), key=len, reverse=True)
+
+
+def encode_plain_text(
+    text_tokenizer,  # noqa: ANN001 - a transformers tokenizer
+    text: str,
+    *,
+    user_spans: Sequence[tuple[int, int]] | None = None,
+    control: set[int] | None = None,
+) -> list[int]:
+    """The ids of ``text`` as plain text: no substring becomes a special (control) token id.
+
+    The text is tokenised with special-token matching off (``split_special_tokens=True``), which spells
+    ``<|im_end|>`` in ordinary tokens and otherwise gives the ids a normal call gives. Should a control id still
+    appear (a tokenizer that ignores the switch), every control-token string in the ``user_spans`` of the text
+    (default: all of it) is broken with a zero-width space and the text tokenised again.
+
+    Raises:
+        ValueError: if even then the ids hold a control id.
+    """
+    control = control_token_ids(text_tokenizer) if control is None else control
+    ids = text_tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    if control.isdisjoint(ids):
+        return list(ids)
+    strings = _control_strings(text_tokenizer, control)
+    if strings:
+        pattern = re.compile("|".join(re.escape(s) for s in strings))
+        spans = [(0, len(text))] if user_spans is None else sorted(user_spans)
+        pieces, position = [], 0
+        for start, end in spans:
+            pieces.append(text[position:start])
+            pieces.append(pattern.sub(lambda m: m.group(0)[0] + _ZERO_WIDTH_SPACE + m.group(0)[1:], text[start:end]))
+            position = end
+        pieces.append(text[position:])
+        ids = text_tokenizer("".join(pieces), add_special_tokens=False, split_special_tokens=True).input_ids
+    found = sorted(control.intersection(ids))
+    if found:
+        names = text_tokenizer.convert_ids_to_tokens(found[:5])
+        raise ValueError(f"user text still tokenises to control tokens {names} after escaping: {text[:80]!r}")
+    return list(ids)
 
 
 class PerceptioProcessor:
@@ -79,19 +143,54 @@ class PerceptioProcessor:
             system_prompt=system_prompt,
         )
 
-    def render_prompt(self, query: str) -> str:
-        """The chat prompt for one image and one query, ending where the assistant's answer begins."""
+    def _prompt_parts(self, query: str) -> list[tuple[str, str]]:
+        """The chat prompt as (text, kind) parts; kind is "control" (one template marker), "template" or "user"."""
         tok = self.text_tokenizer
         start, end = CHAT_TOKENS["turn_start"], CHAT_TOKENS["turn_end"]
-        image = tok.start_image_token + tok.context_image_token * self.image_seq_length + tok.end_image_token
-        system = f"{start}system\n{self.system_prompt}{end}\n" if self.system_prompt else ""
-        return f"{system}{start}user\n{image}\n{query}{end}\n{start}assistant\n"
+        image = [(tok.start_image_token, "control")]
+        image += [(tok.context_image_token, "control")] * self.image_seq_length + [(tok.end_image_token, "control")]
+        parts: list[tuple[str, str]] = []
+        if self.system_prompt:
+            parts += [(start, "control"), ("system\n", "template"), (self.system_prompt, "user")]
+            parts += [(end, "control"), ("\n", "template")]
+        parts += [(start, "control"), ("user\n", "template"), *image, ("\n", "template"), (query, "user")]
+        return parts + [(end, "control"), ("\n", "template"), (start, "control"), ("assistant\n", "template")]
+
+    def render_prompt(self, query: str) -> str:
+        """The chat prompt for one image and one query, ending where the assistant's answer begins (as text: its
+        control strings and the query's look alike here; :meth:`encode_prompt` tells them apart)."""
+        return "".join(text for text, _ in self._prompt_parts(query))
+
+    def encode_prompt(self, query: str, *, control: set[int] | None = None) -> list[int]:
+        """The ids of :meth:`render_prompt`'s prompt with the query as plain text: the template's markers are the
+        only control ids. For a query without control strings the ids equal tokenising the rendered prompt."""
+        tok = self.text_tokenizer
+        control = control_token_ids(tok) if control is None else control
+        ids: list[int] = []
+        run: list[tuple[str, str]] = []  # the text between two markers is tokenised in one piece, as a tokenizer would
+
+        def flush() -> None:
+            spans, position = [], 0
+            for text, kind in run:
+                if kind == "user":
+                    spans.append((position, position + len(text)))
+                position += len(text)
+            if position:
+                ids.extend(encode_plain_text(tok, "".join(t for t, _ in run), user_spans=spans, control=control))
+            run.clear()
+
+        for text, kind in self._prompt_parts(query):
+            if kind != "control":
+                run.append((text, kind))
+                continue
+            flush()
+            ids.append(tok.convert_tokens_to_ids(text))
+        flush()
+        return ids
 
     def sam_pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """SAM2 inputs (B, 3, S, S): bilinear resize to S and ImageNet normalisation (no PIL SAM2 processor exists)."""
-        arrays = [
-            torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images
-        ]
+        arrays = [torch.from_numpy(np.asarray(as_rgb(im), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images]
         resized = torch.stack(
             [
                 F.interpolate(a[None], size=(self.sam_image_size,) * 2, mode="bilinear", align_corners=False)[0]
@@ -116,10 +215,15 @@ class PerceptioProcessor:
                 f"got {len(images)} images, {len(queries)} queries and {len(targets or [])} targets; "
                 "one each per sample"
             )
+        # in-memory images follow the rules of image files: no saturated 16-bit images, no dropped transparency
+        images = [as_rgb(image, name=f"<in-memory image {k} of the batch>") for k, image in enumerate(images)]
         tok = self.text_tokenizer
+        control = control_token_ids(tok)
         sequences, labels = [], []
         for k, query in enumerate(queries):
-            prompt = tok(self.render_prompt(query), add_special_tokens=False).input_ids
+            if not isinstance(query, str):
+                raise TypeError(f"query {k} is {type(query).__name__} ({query!r}), expected a string")
+            prompt = self.encode_prompt(query, control=control)
             if targets is None:
                 sequences.append(prompt)
                 continue

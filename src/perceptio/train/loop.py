@@ -54,6 +54,7 @@ from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_co
 from perceptio.train.policy import apply_policy
 from perceptio.train.quick_eval import quick_eval
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.runlock import run_lock
 
 __all__ = ["NonFiniteLossError", "TrainResult", "build_model", "train"]
 
@@ -247,7 +248,15 @@ def train(
 
     Raises:
         NonFiniteLossError: a NaN or infinite loss; the newest checkpoint is the last good state.
+        RunFolderLockedError: another process trains (or evaluates) in ``run.out_dir``.
     """
+    with run_lock(config.run.out_dir, "training"):  # under torchrun: rank 0 holds it for the job
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress, cache_dir=cache_dir)
+
+
+def _train(
+    config: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, cache_dir: Path | None
+) -> TrainResult:
     run = config.run
     ctx = _setup_distributed(run.device)
     if run.threads:

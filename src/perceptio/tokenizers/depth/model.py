@@ -28,6 +28,7 @@ from torch import nn
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.normalize import DepthInputError, Quantity, normalize_depth, resize_nearest
 from perceptio.tokenizers.depth.quantizer import EMAQuantizer
+from perceptio.utils.weights_files import check_safetensors_file
 from perceptio.vocab import PerceptionVocab
 
 __all__ = ["CheckpointMismatchError", "DepthTokenizer", "DepthTokenizerOutput"]
@@ -335,6 +336,7 @@ class DepthTokenizer(nn.Module):
                 + ", ".join(f"{k} (checkpoint {a}, expected {b})" for k, (a, b) in diffs.items())
             )
         model = cls(config)
+        check_safetensors_file(weights_path)  # an empty or cut-short file: an error naming it
         state = load_file(str(weights_path), device=map_location)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))

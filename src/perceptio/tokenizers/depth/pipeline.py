@@ -18,6 +18,7 @@ from perceptio.tokenizers.depth.evaluate import evaluate_tokenizer, reconstructi
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, TeacherCache, TeacherMap, load_teacher, teacher_maps
 from perceptio.tokenizers.depth.train import TokenizerTrainConfig, train_tokenizer
+from perceptio.utils.runlock import run_lock
 
 __all__ = ["collect_teacher_maps", "default_cache_dir", "evaluate_folder", "find_depth_samples", "train_from_folder"]
 
@@ -130,7 +131,43 @@ def train_from_folder(
     progress: bool = True,
     overrides: dict | None = None,
 ) -> tuple[DepthTokenizer, BadItemReport]:
-    """Compute (or reuse cached) teacher maps for ``split`` of ``data`` and train a tokenizer into ``out``."""
+    """Compute (or reuse cached) teacher maps for ``split`` of ``data`` and train a tokenizer into ``out``.
+
+    Raises ``RunFolderLockedError`` at once when another process writes into ``out``."""
+    with run_lock(out, "tokenizer training"):
+        return _train_from_folder(
+            data,
+            Path(out),
+            preset=preset,
+            train_config=train_config,
+            teacher=teacher,
+            split=split,
+            image_dir=image_dir,
+            cache_dir=cache_dir,
+            device=device,
+            resume=resume,
+            skip_bad=skip_bad,
+            progress=progress,
+            overrides=overrides,
+        )
+
+
+def _train_from_folder(
+    data: str | Path,
+    out: Path,
+    *,
+    preset: str,
+    train_config: TokenizerTrainConfig | None,
+    teacher: str,
+    split: str,
+    image_dir: str | Path | None,
+    cache_dir: str | Path | None,
+    device: str,
+    resume: bool,
+    skip_bad: bool,
+    progress: bool,
+    overrides: dict | None,
+) -> tuple[DepthTokenizer, BadItemReport]:
     config = DepthTokenizerConfig.from_preset(preset, **(overrides or {}))
     report = BadItemReport()
     maps = collect_teacher_maps(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
+from perceptio.utils.runlock import run_lock
 
 __all__ = ["TokenizerTrainConfig", "latest_checkpoint", "train_tokenizer"]
 
@@ -168,8 +169,36 @@ def train_tokenizer(
 
     Returns:
         The trained tokenizer, in eval mode.
+
+    Raises:
+        RunFolderLockedError: another process writes into ``out_dir``.
     """
-    out_dir = Path(out_dir)
+    with run_lock(out_dir, "tokenizer training"):
+        return _train_tokenizer(
+            maps,
+            model_config,
+            train_config,
+            Path(out_dir),
+            valid=valid,
+            device=device,
+            resume=resume,
+            progress=progress,
+            record=record,
+        )
+
+
+def _train_tokenizer(
+    maps: np.ndarray,
+    model_config: DepthTokenizerConfig,
+    train_config: TokenizerTrainConfig,
+    out_dir: Path,
+    *,
+    valid: np.ndarray | None,
+    device: str,
+    resume: bool,
+    progress: bool,
+    record: dict | None,
+) -> DepthTokenizer:
     size = model_config.input_size
     if maps.ndim != 3 or maps.shape[1:] != (size, size):
         raise ValueError(f"maps must be (N, {size}, {size}), got {maps.shape}")
