@@ -173,7 +173,8 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
 
     model = paths["train"] / "model"
     logs = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "loss" in r]
-    evals = [r for r in read_jsonl(paths["train"] / "train_log.jsonl") if "eval" in r]
+    eval_log = paths["train"] / "eval_log.jsonl"
+    evals = list(read_jsonl(eval_log)) if eval_log.is_file() else []
     recipe = _recipe(config)
     lines = [
         "# Perceptio tiny base",
@@ -197,8 +198,10 @@ def _export(config: PretrainConfig, paths: dict[str, Path], timings: dict[str, d
     for name, record in timings.items():
         if "seconds" in record:
             lines.append(f"| wall time, {name} | {record['seconds']} s |")
-    if evals:
-        lines.append(f"| last quick eval | {json.dumps(evals[-1]['eval'])} |")
+    for record in evals:
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k != "step" and isinstance(v, float))
+        where = f"step {record.get('step')}, val, up to {recipe.eval.samples} samples"
+        lines.append(f"| quick eval ({where}) | {figures} |")
     for name, gap in _image_use(recipe, model).items():
         lines.append(
             f"| image-use gap, {name} (val) | {gap['gap']:+.3f} nats (loss {gap['real']['loss']:.3f} with the right "
