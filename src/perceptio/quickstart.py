@@ -302,6 +302,14 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
     return out / "report.md"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (model cards travel between machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, command: str | None = None) -> Path:
     """Copy a finished quickstart's model to ``dest`` with a model card (what made it, its targets table and its
     image-use gaps, from ``report.md``'s figures) and ``SHA256SUMS``: how ``tiny-perceptio`` is shipped."""
@@ -331,7 +339,7 @@ def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, comma
         "| | |",
         "|---|---|",
         f"| command | `{command or 'perceptio quickstart'}` |",
-        f"| started from | {f'the pretrained tiny base `{config.base}`' if config.base else 'random weights'} |",
+        f"| started from | {f'the pretrained base `{_shown(config.base)}`' if config.base else 'random weights'} |",
         f"| recipe | `{config.recipe}` {' '.join(config.overrides)} |",
         f"| world | {config.num_images} images, seed {config.world_seed}, {config.image_size} px |",
         f"| steps | {recipe.run.steps} of batch {recipe.run.global_batch_size}, seed {recipe.run.seed} |",

@@ -10,7 +10,7 @@ on the prompt and on padding. Training batches (with targets) are padded on the 
 the left, as generation needs.
 
 User text is plain text: the query (and the system prompt) is tokenised with the tokenizer's special-token
-matching off (:func:`encode_plain_text`), so a typed ``[SEG]``, ``<IMG_CONTEXT>`` or ``<|im_end|>`` is spelled
+matching off (:func:`encode_plain_text`), so a typed segmentation token, ``<IMG_CONTEXT>`` or ``<|im_end|>`` is spelled
 in ordinary tokens and can neither forge a chat turn nor add an image slot. Only the template's own markers are
 control ids. Targets (the assistant's answers) are not escaped: they carry the spatial tokens on purpose.
 """
