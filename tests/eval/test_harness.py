@@ -197,3 +197,15 @@ def test_a_limit_on_relative_depth_keeps_every_point_count(world_dir: Path) -> N
     assert len(kept) == 6 and set(counts) == {2, 3, 4, 5} and max(counts.values()) == 2
     ids = {s.sample_id for s in kept}
     assert [s.sample_id for s in kept] == [s.sample_id for s in every if s.sample_id in ids]  # the readers' order
+
+
+@pytest.mark.skipif(not HARDBLINK.is_dir(), reason="../shared/benchmarks/hardblink is not present")
+def test_a_limit_on_the_real_benchmark_keeps_every_point_count() -> None:
+    """Real HardBLINK questions carry no marker coordinates; the point count comes from their letters."""
+    from collections import Counter
+
+    from perceptio.eval.harness import EvalSettings, load_task_samples
+
+    kept = load_task_samples(EvalSettings(task="hardblink", model=Path("m"), data=HARDBLINK, out=Path("o"), limit=30))
+    counts = Counter(len(s.letters) for s in kept)
+    assert len(kept) == 30 and counts == {3: 10, 4: 10, 5: 10}

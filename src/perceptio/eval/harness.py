@@ -148,8 +148,8 @@ def balance_point_counts(samples: list[Sample], limit: int) -> list[Sample]:
     """At most ``limit`` questions taken round-robin over the point counts, in the original order within each
     count: the readers order questions by point count, so a plain prefix would drop whole counts."""
     groups: dict[int, list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault(len(sample.points), []).append(sample)
+    for sample in samples:  # the count of lettered options: real HardBLINK has no marker coordinates, only letters
+        groups.setdefault(len(sample.letters), []).append(sample)
     kept: set[int] = set()  # positions in ``samples``
     position = {id(sample): k for k, sample in enumerate(samples)}
     for rank in range(max(len(group) for group in groups.values()) if groups else 0):
