@@ -491,9 +491,12 @@ def predict(
     bar = tqdm(total=len(pairs), desc="predict", disable=len(pairs) < 2)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        predictions = runner.predict(
-            [p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot, batch_size=batch_size
-        )
+        try:
+            predictions = runner.predict(
+                [p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot, batch_size=batch_size
+            )
+        except DataError as err:  # the image is named; predictions of earlier batches are already written
+            _fail(str(err))
         for k, ((path, question), prediction) in enumerate(zip(chunk, predictions, strict=True)):
             folder = out / folders[start + k]
             runner.save_prediction(prediction, path, folder, prompt=question)

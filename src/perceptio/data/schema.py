@@ -79,6 +79,11 @@ class Point:
 _RGB_CONVERTIBLE = {"RGB", "L", "P", "1", "CMYK", "YCbCr", "RGBA", "LA", "PA", "RGBa", "La"}
 
 
+MAX_IMAGE_PIXELS = 40_000_000
+"""Images with more pixels are refused before decoding (an 8000x8000 PNG of 200 KB would take about 8 GB of
+memory); every model here works at a few hundred pixels, so downscale such images first."""
+
+
 def load_rgb(
     source: str | Path | bytes, *, name: str | None = None, expected_size: tuple[int, int] | None = None
 ) -> Image.Image:
@@ -95,9 +100,19 @@ def load_rgb(
     label = name or (str(source) if not isinstance(source, bytes) else "<image bytes>")
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"image is {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}",
+                path=label,
+                fix="downscale it first (the models work at a few hundred pixels)",
+            )
         image.load()
     except FileNotFoundError:
         raise DataError("image file not found", path=label, fix="check the image root / path") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(
+            f"image refused as a decompression bomb ({err})", path=label, fix="downscale it first"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(
             f"image cannot be decoded ({err})",
