@@ -259,6 +259,7 @@ def _train(
 ) -> TrainResult:
     run = config.run
     ctx = _setup_distributed(run.device)
+    accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)  # refuse before writing anything
     if run.threads:
         torch.set_num_threads(run.threads)
     out_dir = Path(run.out_dir)
