@@ -212,6 +212,8 @@ def data_check(
     if report is not None:
         bad.write(report)
         typer.echo(f"report written to {report}")
+    if passed == 0:  # --skip-bad keeps going, but a dataset with nothing usable is still a failure
+        _fail(f"no sample of {path} decoded cleanly; nothing here can be trained or evaluated on")
 
 
 _TEACHER_HELP = "ground-truth (alias exact: the depth stored with the data) or depth-anything:/path/to/checkpoint."
