@@ -242,7 +242,7 @@ class RunConfig:
             raise ValueError(f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"run.threads must be at least 1 (or null for torch's choice), got {self.threads}")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size <= self.global_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"run.global_batch_size {self.global_batch_size} is not a multiple of run.micro_batch_size "
                 f"{self.micro_batch_size}"
