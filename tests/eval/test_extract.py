@@ -1,4 +1,4 @@
-"""Letter extraction (docs/data_and_eval.md 7.3): the issue's table, perception-token stripping, range rules,
+"""Letter extraction: the issue's table, perception-token stripping, range rules,
 the option-text fallback and VLMEvalKit's exact-matching path."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ AURORA_COT = (
     "Since point D has a higher pixel value on the depth map, the answer is that point D is closer to the camera."
 )
 
-# (answer text, number of options, expected letter): the table of the issue and of data_and_eval.md 7.3
+# (answer text, number of options, expected letter): the table of the issue
 TABLE = [
     ("A", 4, "A"),
     ("(A)", 4, "A"),

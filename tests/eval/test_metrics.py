@@ -1,5 +1,5 @@
 """cIoU / gIoU, relative-depth accuracy and MMBench scoring against hand-computed values and an independent
-re-implementation of LISA's histogram formula (docs/data_and_eval.md 1.4, 3.3, 7.2, 7.4)."""
+re-implementation of LISA's histogram formula."""
 
 from __future__ import annotations
 

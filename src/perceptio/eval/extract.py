@@ -1,4 +1,5 @@
-"""Deterministic answer-letter extraction for letter multiple-choice answers (docs/data_and_eval.md 7.3, 3.3).
+"""Deterministic answer-letter extraction for letter multiple-choice answers (the same rules for every
+model, so accuracies compare).
 
 Two extractors, both without any language-model judge:
 
@@ -168,7 +169,7 @@ def _option_text(text: str, choices: Sequence[str], letters: Sequence[str], *, l
 
 
 def parse_answer(text: str, num_options: int, *, choices: Sequence[str] | None = None) -> LetterAnswer:
-    """Find the option letter an answer names, and how (docs/data_and_eval.md 7.3).
+    """Find the option letter an answer names, and how.
 
     Rules, in order:
 

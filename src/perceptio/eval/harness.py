@@ -1,6 +1,6 @@
 """The benchmark harness behind ``perceptio eval``: exact metrics, resumable, shardable over torchrun ranks.
 
-Tasks and what they score (docs/data_and_eval.md section 7):
+Tasks and what they score (docs/evaluation.md has the details):
 
 * ``refcoco``: cIoU (intersection and union summed over the split) and gIoU; several predicted masks are OR-ed,
   no segmentation token is an empty mask, predictions are compared at the original image size.

@@ -2,9 +2,9 @@
 
 Each accumulator keeps only sums and counts, exposes them as a plain JSON-able ``state()``, and merges states by
 adding them, so per-rank (or per-shard, or resumed) partial results combine into exactly the single-pass
-numbers: ratios are formed once, from the summed totals, in ``result()`` (docs/data_and_eval.md 7.2).
+numbers: ratios are formed once, from the summed totals, in ``result()`` (a mean of per-shard ratios would not be).
 
-* :class:`SegmentationMeter`: cIoU and gIoU as LISA and Sa2VA compute them (section 1.4):
+* :class:`SegmentationMeter`: cIoU and gIoU as LISA and Sa2VA compute them:
   ``cIoU = sum I / (sum U + 1e-10)`` over the split; ``gIoU = mean_i I_i / (U_i + 1e-5)`` with ``IoU_i = 1`` when
   ``U_i = 0`` (empty prediction and empty GT). Several predicted masks are OR-ed (Sa2VA); no mask is an empty
   prediction (scored, never skipped); pixels of an optional ignore mask count in neither class
@@ -12,7 +12,7 @@ numbers: ratios are formed once, from the summed totals, in ``result()`` (docs/d
 * :class:`RelativeDepthMeter`: BLINK / HardBLINK accuracy per point count (2 = BLINK, 3/4/5 = HardBLINK) and the
   mean over point counts (AURORA's "Average" is the mean of the 2, 3, 4 and 5 columns).
 * :func:`score_mmbench`: CircularEval (a question is right only if every circular copy is) and the vanilla
-  single pass (copy 0 only), overall, per ``category`` and per ``l2-category`` (section 3.3).
+  single pass (copy 0 only), overall, per ``category`` and per ``l2-category``, as VLMEvalKit reports them.
 
 Depth-map metrics (AbsRel, RMSE, delta1) are :func:`perceptio.tokenizers.depth.evaluate.depth_metrics`.
 """
@@ -384,7 +384,7 @@ def score_mmbench(records: Iterable[MMBenchRecord], *, expected_indices: Iterabl
             themselves are found (a group without its pass 0, or passes 0 and 2 without 1).
 
     A question (``g_index`` group) counts as correct under CircularEval only if all its copies are present and
-    correct. A group with a missing copy counts as a failure (docs/data_and_eval.md 7.4), is logged as a
+    correct. A group with a missing copy counts as a failure (as in VLMEvalKit's CircularEval), is logged as a
     warning and is listed under ``incomplete_groups``. Vanilla accuracy scores the pass-0 row of every group;
     a missing pass-0 row counts as wrong. A group's category is taken from its lowest pass present; a group
     with no record at all is counted under ``"unknown"``.
