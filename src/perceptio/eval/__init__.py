@@ -1,7 +1,8 @@
 """The model-free evaluation layer: benchmark metrics as mergeable accumulators and answer-letter extraction.
 
 Metrics follow the published protocols (cIoU/gIoU as LISA and Sa2VA, BLINK/HardBLINK accuracy per point count,
-MMBench CircularEval and vanilla accuracy); letter extraction is deterministic (no language-model judge). Nothing here loads a model.
+MMBench CircularEval and vanilla accuracy); letter extraction is deterministic (no language-model judge).
+Nothing here loads a model.
 """
 
 from perceptio.eval.extract import (
