@@ -302,6 +302,16 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
     return out / "report.md"
 
 
+def _targets_table(summary: dict[str, Any]) -> list[str]:
+    """The Markdown table of :data:`TARGETS` checked against ``summary`` (the report's and the model card's)."""
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for target in TARGETS:
+        value, met = target.check(summary)
+        verdict = "n/a" if met is None else "yes" if met else "no"
+        lines.append(f"| {target.name} | {value} | {target.describe} | {verdict} |")
+    return lines
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the working directory when it lies under it (model cards travel between machines)."""
     try:
@@ -347,14 +357,8 @@ def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, comma
         "",
         "## Targets (val split)",
         "",
-        "| target | measured | goal | met |",
-        "|---|---|---|---|",
+        *_targets_table(summary),
     ]
-    for target in TARGETS:
-        value, met = target.check(summary)
-        lines.append(
-            f"| {target.name} | {value} | {target.describe} | {'n/a' if met is None else 'yes' if met else 'no'} |"
-        )
     return export_model(out / "train" / "model", dest, lines)
 
 
@@ -709,14 +713,8 @@ def _report_text(
         "",
         "## Targets",
         "",
-        "| target | measured | goal | met |",
-        "|---|---|---|---|",
+        *_targets_table(summary),
     ]
-    for target in TARGETS:
-        value, met = target.check(summary)
-        lines.append(
-            f"| {target.name} | {value} | {target.describe} | {'n/a' if met is None else 'yes' if met else 'no'} |"
-        )
     lines += [
         "",
         "## Metrics",
