@@ -267,3 +267,13 @@ def test_spatial_cot_names_bad_options(extra: list[str], message: str, tmp_path:
     args = ["experiment", "spatial-cot", "--out", str(tmp_path / "exp"), "--steps", "1", "--recipe", str(RECIPE)]
     result = runner.invoke(app, [*args, *extra])
     assert result.exit_code != 0 and message in result.output
+
+
+def test_spatial_cot_refuses_a_base_that_is_not_a_model(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["experiment", "spatial-cot", "--out", str(tmp_path / "e"), "--steps", "1", "--base", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "config.json not found" in result.output
+    both = ["experiment", "spatial-cot", "--out", str(tmp_path / "e"), "--base", str(tmp_path), "--from-scratch"]
+    result = runner.invoke(app, both)
+    assert result.exit_code == 2 and "exclude each other" in result.output
