@@ -31,19 +31,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from perceptio.utils.checkpoints import latest_checkpoint
+
 __all__ = ["gather_state", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 _SEP = "::"
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``out_dir/checkpoints`` (None if there is none)."""
-    folder = Path(out_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
 
 
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -47,12 +47,13 @@ from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
 from perceptio.models.lora import merge_lora
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
-from perceptio.train.checkpoint import gather_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from perceptio.train.checkpoint import gather_state, load_checkpoint, save_checkpoint
 from perceptio.train.config import ModelConfig, TrainConfig
 from perceptio.train.data import TrainingData, collate
 from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_cosine
 from perceptio.train.policy import apply_policy
 from perceptio.train.quick_eval import quick_eval
+from perceptio.utils.checkpoints import last_good_checkpoint, latest_checkpoint
 from perceptio.utils.jsonl import read_jsonl
 from perceptio.utils.runlock import run_lock
 
@@ -347,9 +348,16 @@ def _train(
 
     writer = _writer(out_dir) if ctx.main else None
     bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="train", disable=not show)
+    # what the next log line averages: per-step values, per-task (loss sum, sample count), the datasets drawn
     window: dict[str, list[float]] = defaultdict(list)
-    task_window: dict[str, list[float]] = defaultdict(list)
+    task_window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     drawn: Counter[str] = Counter()
+    if resume:  # a checkpoint between two log lines carries the window, so the next line averages the same steps
+        saved = state.get("log_window", {})
+        window.update({k: list(v) for k, v in saved.get("steps", {}).items()})
+        if ctx.main:  # the saved sums are over every process already
+            task_window.update({k: list(v) for k, v in saved.get("tasks", {}).items()})
+        drawn.update(saved.get("drawn", {}))
     last_log: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
     seconds = 0.0
@@ -387,7 +395,8 @@ def _train(
             with torch.no_grad():
                 per_sample = _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist()
             for example, value in zip(examples, per_sample, strict=True):
-                task_window[example.task].append(value)
+                task_window[example.task][0] += value
+                task_window[example.task][1] += 1
         if ctx.active:
             dist.all_reduce(sums)
         sums /= accumulation * ctx.world
@@ -398,15 +407,7 @@ def _train(
         )
         bad = not math.isfinite(float(sums[0])) or (grad_norm is not None and not torch.isfinite(grad_norm).item())
         if bad:
-            newest = latest_checkpoint(out_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (loss {float(sums[0])}, gradient norm "
-                f"{None if grad_norm is None else float(grad_norm)}); the weights were not updated. The last good "
-                f"checkpoint is {newest}: lower optim.lr or raise optim.warmup_ratio, then continue with --resume"
-                if newest
-                else f"non-finite loss at step {step}; no checkpoint was written yet. Lower optim.lr or raise "
-                "optim.warmup_ratio and start again"
-            )
+            _stop_non_finite(out_dir, step, ctx, f"loss {float(sums[0])}, gradient norm {grad_norm}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - tick
@@ -444,9 +445,13 @@ def _train(
             drawn.clear()
             seconds = 0.0
         if run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps:
+            if not _weights_finite(engine, ctx):  # an update can overflow with a finite loss and gradient
+                _stop_non_finite(out_dir, done, ctx, f"the update of step {step} made weights non-finite")
             weights, optim_state = gather_state(engine, optimizer)
+            tasks = _task_sums(task_window, ctx)  # collective: every process's samples since the last log line
             if ctx.main:
-                state = {"config": config_to_dict(config), "data_digest": digest}
+                log_window = {"steps": dict(window), "tasks": tasks, "drawn": dict(drawn)}
+                state = {"config": config_to_dict(config), "data_digest": digest, "log_window": log_window}
                 save_checkpoint(out_dir, done, weights, optim_state, state, keep=run.keep_checkpoints)
         evaluate_now = config.eval.every and done % config.eval.every == 0 and done < run.steps
         if eval_data is not None and evaluate_now:
@@ -478,9 +483,47 @@ def _train(
     return TrainResult(out_dir, model_dir, run.steps, start, last_log, last_eval)
 
 
+def _stop_non_finite(out_dir: Path, step: int, ctx: _Dist, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` for ``step``, naming the checkpoint to resume from. Checkpoints of that
+    step or later hold the weights that gave the non-finite value: they are set aside (``bad-step-*``), so that
+    ``--resume`` continues from the last good one."""
+    good = last_good_checkpoint(out_dir, step) if ctx.main else latest_checkpoint(out_dir, warn=False)
+    advice = "lower optim.lr or raise optim.warmup_ratio"
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} ({what}); the weights were not updated with it. "
+        + (
+            f"The last good checkpoint is {good}: {advice}, then continue with --resume"
+            if good
+            else f"No good checkpoint was written before it: {advice} and start again (--overwrite)"
+        )
+    )
+
+
+def _weights_finite(engine: nn.Module, ctx: _Dist) -> bool:
+    """Whether every trainable weight is finite, on every process (each checks its own shards)."""
+    ok = True
+    with torch.no_grad():
+        for param in engine.parameters():
+            if param.requires_grad:
+                local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP shard
+                if not bool(torch.isfinite(local).all()):
+                    ok = False
+                    break
+    if ctx.active:
+        flag = torch.tensor([1.0 if ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item() == 1.0)
+    return ok
+
+
 def _task_means(window: dict[str, list[float]], ctx: _Dist) -> dict[str, float]:
     """Mean per-sample token loss per task, over every process's samples."""
-    sums = {task: (sum(values), len(values)) for task, values in window.items()}
+    return {task: total / count for task, (total, count) in _task_sums(window, ctx).items() if count}
+
+
+def _task_sums(window: dict[str, list[float]], ctx: _Dist) -> dict[str, list[float]]:
+    """Per task, [loss sum, sample count] over every process (collective under distributed training)."""
+    sums = {task: (total, count) for task, (total, count) in window.items()}
     if ctx.active:
         gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(ctx.world)]
         dist.all_gather_object(gathered, sums)
@@ -489,7 +532,7 @@ def _task_means(window: dict[str, list[float]], ctx: _Dist) -> dict[str, float]:
             for task, (total, count) in part.items():
                 old = sums.get(task, (0.0, 0))
                 sums[task] = (old[0] + total, old[1] + count)
-    return {task: total / count for task, (total, count) in sorted(sums.items()) if count}
+    return {task: [total, count] for task, (total, count) in sorted(sums.items())}
 
 
 def _replica_divergence(engine: nn.Module) -> float:

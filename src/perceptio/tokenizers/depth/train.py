@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
+from perceptio.utils.checkpoints import last_good_checkpoint, latest_checkpoint
+from perceptio.utils.jsonl import read_jsonl
 from perceptio.utils.runlock import run_lock
 
 __all__ = ["TokenizerTrainConfig", "latest_checkpoint", "train_tokenizer"]
@@ -58,15 +61,8 @@ class TokenizerTrainConfig:
         for name in ("steps", "batch_size", "lr_decay_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TokenizerTrainConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 < self.lr_decay <= 1 or self.checkpoint_every < 0:
-            raise ValueError("lr must be > 0, lr_decay in (0, 1] and checkpoint_every >= 0")
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under ``out_dir/checkpoints`` (None if there is none)."""
-    folder = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
+        if not 0 < self.lr < math.inf or not 0 < self.lr_decay <= 1 or self.checkpoint_every < 0:
+            raise ValueError("lr must be finite and > 0, lr_decay in (0, 1] and checkpoint_every >= 0")
 
 
 def _lr_at(config: TokenizerTrainConfig, step: int) -> float:
@@ -222,9 +218,9 @@ def _train_tokenizer(
         start = int(state["step"])
         window[:] = state.get("usage_window", window)
         logger.info("resumed from %s (step %d)", checkpoint, start)
-        if log_path.is_file():  # drop log lines past the checkpoint: they will be written again
-            lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-            log_path.write_text("".join(line + "\n" for line in lines))
+        if log_path.is_file():  # drop log lines past the checkpoint (and one cut short): they are written again
+            kept = [line for line in read_jsonl(log_path) if line.get("step", start + 1) <= start]
+            log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
     elif latest_checkpoint(out_dir) is not None:
         raise FileExistsError(
             f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another --out"
@@ -266,9 +262,14 @@ def _train_tokenizer(
                 group["lr"] = _lr_at(train_config, step)
             output = model(batch, batch_valid)
             if not torch.isfinite(output.loss):  # stop before the bad step touches the weights
+                good = last_good_checkpoint(out_dir, step)
                 raise FloatingPointError(
-                    f"non-finite tokenizer loss at step {step}; lower the learning rate. "
-                    f"The last good checkpoint is {latest_checkpoint(out_dir)} (continue with --resume)."
+                    f"non-finite tokenizer loss at step {step}; lower the learning rate, then "
+                    + (
+                        f"continue from the last good checkpoint, {good}, with --resume"
+                        if good
+                        else "start again (no good checkpoint was written yet)"
+                    )
                 )
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
