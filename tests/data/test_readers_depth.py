@@ -115,9 +115,9 @@ def _rgb(path: Path, size: tuple[int, int] = (3, 2)) -> None:
 
 def test_folder_with_sidecar_and_same_folder_pairs(tmp_path: Path) -> None:
     (tmp_path / "depth.json").write_text(json.dumps({"convention": METRIC.to_dict()}))
-    np.save(tmp_path / "a.npy", np.ones((2, 3), dtype=np.float32))
+    np.save(tmp_path / "a.npy", np.arange(1, 7, dtype=np.float32).reshape(2, 3))
     _rgb(tmp_path / "a.png")  # same stem, same folder: the PNG is a's image, not a depth map
-    _png16(tmp_path / "b_depth.png", np.full((2, 3), 7))  # Depth Anything-style name next to b.jpg
+    _png16(tmp_path / "b_depth.png", np.array([[7, 7, 7], [7, 7, 9]]))  # Depth Anything-style name next to b.jpg
     _rgb(tmp_path / "b.jpg")
     samples = read_depth_folder(tmp_path, split="train")
     assert [(s.sample_id, s.image.path.name, s.depth.path.name) for s in samples] == [
@@ -127,7 +127,7 @@ def test_folder_with_sidecar_and_same_folder_pairs(tmp_path: Path) -> None:
     first = samples[0]
     assert first.task is Task.DEPTH and first.source == "depth" and first.split == "train"
     assert first.depth.convention == METRIC and first.meta == {"depth_file": "a.npy", "image_file": "a.png"}
-    assert samples[1].depth.load().values.tolist() == [[7.0] * 3] * 2
+    assert samples[1].depth.load().values.tolist() == [[7.0] * 3, [7.0, 7.0, 9.0]]
     assert check_samples(samples, progress=False) == 2
     assert READERS["depth"] is read_depth_folder
 
@@ -164,7 +164,7 @@ def test_missing_image_raises_or_is_skipped(tmp_path: Path) -> None:
 
 
 def test_depth_size_must_match_image(tmp_path: Path) -> None:
-    np.save(tmp_path / "a.npy", np.ones((4, 4)))
+    np.save(tmp_path / "a.npy", np.arange(1, 17, dtype=np.float64).reshape(4, 4))
     _rgb(tmp_path / "a.png", size=(3, 2))
     samples = read_depth_folder(tmp_path, convention=METRIC)
     with pytest.raises(DataError, match=r"a\.npy \[sample a\]: depth map is 4x4 but its image .*a\.png is 2x3 \(HxW\)"):

@@ -93,3 +93,40 @@ def test_cli_runs_tabulates_and_reuses_jobs(world_dir: Path, tmp_path: Path) -> 
     assert changed.exit_code == 0 and "finished earlier" not in changed.output
     bad = CliRunner().invoke(app, ["experiment", "grounding", "--out", str(out), "--levels", "L9"])
     assert bad.exit_code == 2 and "unknown level" in bad.output
+
+
+def test_swap_spans_gives_each_row_the_previous_rows_codes() -> None:
+    import torch
+
+    from perceptio.experiments.grounding import swap_spans
+
+    codes = range(100, 110)
+    ids = torch.tensor([[1, 2, 101, 102, 103, 5], [1, 104, 105, 106, 5, 0]])
+    labels = torch.tensor([[-100, -100, 101, 102, 103, 5], [-100, 104, 105, 106, 5, -100]])
+    swapped = swap_spans(ids, labels, codes)
+    assert swapped.tolist() == [[1, 2, 104, 105, 106, 5], [1, 101, 102, 103, 5, 0]]
+    assert ids[0, 2] == 101  # the input is left as it was
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        swap_spans(ids, torch.tensor([[-100, -100, 101, 102, 103, 5], [-100, 104, 105, 5, 5, -100]]), codes)
+
+
+def test_level_l5_reads_the_letter_after_the_span(world_dir: Path, tmp_path: Path) -> None:
+    """L5 end to end on a few questions: the full Perceptio forward with a depth tokenizer, the letter prior per
+    marker count, and both controls (shuffled images, swapped spans) recorded at every point of the curve."""
+    from perceptio.models import PRESETS
+    from perceptio.tokenizers.depth import DepthTokenizer
+
+    text_tokenizer = PRESETS["tiny"].text_tokenizer()
+    DepthTokenizer(PRESETS["tiny"].config(text_tokenizer).depth_tokenizer).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="depth tokenizer"):
+        GroundingConfig(out=tmp_path, world=world_dir, levels=("L5",), arms=("standardize",))
+    config = GroundingConfig(
+        out=tmp_path / "ladder", world=world_dir, levels=("L5",), arms=("standardize",), steps=2, eval_every=2,
+        train_images=8, val_images=8, tokenizer=tmp_path / "tokenizer", jobs=1,
+    )  # fmt: skip
+    result = run_job(config, "L5", "standardize", seed=0)
+    assert [p["step"] for p in result["curve"]] == [0, 2] and 0.0 <= result["prior"] <= 1.0
+    for point in result["curve"]:
+        assert 0.0 <= point["accuracy"] <= 1.0 and 0.0 <= point["code_accuracy"] <= 1.0
+        assert {"swapped_accuracy", "span_use_gap", "image_use_gap"} <= set(point)
+    assert result["curve"][-1]["loss"] < result["curve"][0]["loss"]  # two steps on the letters already help

@@ -798,9 +798,15 @@ def experiment_grounding(
     world: Annotated[
         Path | None,
         typer.Option(
-            help="A rendered world (perceptio data synth); levels L2-L4 read its VQA, L6 its referring "
-            "expressions (and the SAM2 in its sibling folder `segmenter`)."
+            help="A rendered world (perceptio data synth); levels L2-L4 read its VQA, L5 its relative-depth "
+            "questions, L6 its referring expressions."
         ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="L5's trained depth tokenizer (default: `tokenizer` next to the world).")
+    ] = None,
+    segmenter: Annotated[
+        Path | None, typer.Option(help="L6's pretrained SAM2 (default: `segmenter` next to the world).")
     ] = None,
     levels: Annotated[
         str, typer.Option(help=f"Comma-separated levels, of: {', '.join(f'{k} ({v})' for k, v in LEVELS.items())}.")
@@ -822,8 +828,9 @@ def experiment_grounding(
     jobs: Annotated[int | None, typer.Option(min=1, help="Processes at once (default: the number of cores).")] = None,
 ) -> None:
     """The grounding ladder: train the tiny model on one capability at a time (whole-image colour, a small
-    object's colour, binding, left/right, count) for each arm (model options), and report accuracy, the answer
-    prior and the image-use gap (val loss with shuffled images minus with the right ones)."""
+    object's colour, binding, left/right, count, the closest marker through the depth span, the referred object's
+    mask) for each arm (model options), and report accuracy, the answer prior and the image-use gap (val loss with
+    shuffled images minus with the right ones)."""
     from perceptio.experiments.grounding import GroundingConfig, run_grounding
 
     try:
@@ -839,6 +846,8 @@ def experiment_grounding(
             val_images=val_images,
             lr=lr,
             base=base,
+            tokenizer=tokenizer,
+            segmenter=segmenter,
             **({"jobs": jobs} if jobs else {}),
         )
         run_grounding(config, echo=typer.echo)

@@ -40,6 +40,7 @@ __all__ = [
     "Task",
     "Turn",
     "as_rgb",
+    "depth_values_problem",
     "load_rgb",
 ]
 
@@ -344,6 +345,33 @@ DEPTH_CONVENTIONS: dict[str, DepthConvention] = {
     # Float arrays of relative inverse depth (e.g. a Depth Anything teacher's raw output).
     "relative_inverse": DepthConvention(quantity="inverse_depth", metric=False, units=None, scale=1.0),
 }
+
+
+def depth_values_problem(values: np.ndarray, *, quantity: str = "depth", valid: np.ndarray | None = None) -> str | None:
+    """Why a depth map cannot become a depth-span target (in words), or None when it can.
+
+    The rules of the depth tokenizer's normalisation (which calls this): one numeric (H, W) array; without
+    ``valid``, every value finite; at least one valid, finite pixel; depth (not inverse depth) positive where valid;
+    not constant where valid (per-image min-max normalisation is undefined for a constant map).
+    """
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        return f"expected a single (H, W) map, got shape {arr.shape}"
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        return f"expected a numeric array, got dtype {arr.dtype}"
+    arr = arr.astype(np.float64)
+    finite = np.isfinite(arr)
+    if valid is None and not finite.all():
+        return f"{int((~finite).sum())} NaN/inf value(s); pass valid= to mark missing measurements, or fill them first"
+    mask = finite if valid is None else np.asarray(valid, dtype=bool) & finite
+    if not mask.any():
+        return "no valid pixel (every value is missing, NaN or infinite)"
+    if quantity == "depth" and (arr[mask] <= 0).any():
+        return f"depth must be positive where valid (found {arr[mask].min():.4g})"
+    low, high = arr[mask].min(), arr[mask].max()
+    if not high > low:
+        return f"the map is constant ({high:.6g} everywhere); relative depth is undefined"
+    return None
 
 
 @dataclass(frozen=True)

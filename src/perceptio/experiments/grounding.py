@@ -7,7 +7,12 @@ and ``PerceptioForConditionalGeneration.forward``) and scored on held-out images
 * ``L1`` the colour of one small object (an ``object_px`` square) on a grey floor;
 * ``L2`` binding: the colour or shape of the one object named by its other attributes, among 2-6 (world VQA);
 * ``L3`` left/right of two named objects (world VQA);
-* ``L4`` counting (world VQA).
+* ``L4`` counting (world VQA);
+* ``L5`` the closest of 2-5 lettered markers, answered after the depth span (the world's relative-depth questions,
+  full Perceptio loss); scored teacher-forced, so the letter is read with the right span in the context. Besides
+  the image-use gap it records the **span-use gap**: the answer loss with the spans swapped across the batch minus
+  with the right ones (zero: the letter does not read the span);
+* ``L6`` the segmentation-token mask of the referred object (cIoU, full Perceptio loss).
 
 For each level and *arm* (a set of ``PerceptioConfig`` options, e.g. centred image tokens) it records accuracy
 against steps (exact match of the whole answer under teacher forcing, which equals greedy decoding's exact
@@ -28,13 +33,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["ARMS", "LEVELS", "GroundingConfig", "LadderItem", "level_items", "results_table", "run_grounding"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ARMS",
+    "LEVELS",
+    "GroundingConfig",
+    "LadderItem",
+    "level_items",
+    "results_table",
+    "run_grounding",
+    "swap_spans",
+]
 
 #: Level name -> what it measures.
 LEVELS: dict[str, str] = {
@@ -43,11 +60,14 @@ LEVELS: dict[str, str] = {
     "L2": "colour/shape of the object named by its other attributes (binding)",
     "L3": "left/right of two named objects",
     "L4": "count",
+    "L5": "closest lettered marker, answered after the depth span (teacher-forced span)",
     "L6": "segmentation-token mask of the referred object (cIoU, teacher-forced)",
 }
 FLOOR_GREY = 120
 """L1's floor: darker than every palette colour (the palette's gray is 189), so each object stands out."""
 WORLD_LEVELS = {"L2": ("color", "shape"), "L3": ("spatial",), "L4": ("count",)}
+PERCEPTIO_LEVELS = ("L5", "L6")
+"""Levels trained with the full Perceptio forward (spatial tokens, all loss terms) on a dataset of the world."""
 
 #: Arm name -> ``PerceptioConfig`` fields it sets (on top of the tiny preset).
 ARMS: dict[str, dict[str, Any]] = {
@@ -102,6 +122,8 @@ class GroundingConfig:
     """The pretrained base the ``base`` arm starts from (default: the shipped tiny base)."""
     segmenter: Path | None = None
     """A pretrained SAM2 (``perceptio segmenter pretrain``) for L6; default: ``segmenter/`` next to the world."""
+    tokenizer: Path | None = None
+    """A trained depth tokenizer (``perceptio tokenizer train``) for L5; default: ``tokenizer/`` next to the world."""
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.levels) - set(LEVELS)):
@@ -124,6 +146,16 @@ class GroundingConfig:
             if not (Path(self.segmenter) / "config.json").is_file():
                 raise FileNotFoundError(
                     f"L6 needs a pretrained SAM2 at {self.segmenter} (perceptio segmenter pretrain, or the quickstart)"
+                )
+        if "L5" in self.levels:
+            if self.world is None:
+                raise ValueError("level L5 reads the world's relative-depth questions: give --world")
+            if self.tokenizer is None:
+                object.__setattr__(self, "tokenizer", Path(self.world).parent / "tokenizer")
+            if not (Path(self.tokenizer) / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"L5 needs a trained depth tokenizer at {self.tokenizer} (perceptio tokenizer train, or the "
+                    "quickstart); give --tokenizer"
                 )
         if self.world is None and any(level in WORLD_LEVELS for level in self.levels):
             raise ValueError(f"levels {sorted(WORLD_LEVELS)} read the world's VQA: give --world (perceptio data synth)")
@@ -224,7 +256,6 @@ class _Encoded:
     """Processor outputs of a list of items, computed once; batches are padded on the right."""
 
     def __init__(self, items: Sequence[LadderItem], processor) -> None:  # noqa: ANN001 - PerceptioProcessor
-        import torch
 
         self.rows = []
         pixels: dict[int, torch.Tensor] = {}
@@ -288,8 +319,10 @@ def build_ladder_model(config: GroundingConfig, arm: str, seed: int):  # noqa: A
 
     options = ARMS[arm]
     if "init" in options:
+        from perceptio.weights import shipped
+
         torch.manual_seed(seed)
-        model, processor = load_model(config.base)  # type: ignore[arg-type]
+        model, processor = load_model(config.base or shipped("tiny-base"))
         if "seg_prompt_rms" in options:
             model.set_seg_prompt_rms(options["seg_prompt_rms"])
         return model, processor
@@ -303,8 +336,8 @@ def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[st
     from perceptio.train.optim import build_optimizer, warmup_cosine
 
     torch.set_num_threads(1)
-    if level == "L6":
-        return _run_segmentation_job(config, arm, seed)
+    if level in PERCEPTIO_LEVELS:
+        return _run_perceptio_job(config, level, arm, seed)
     began = time.perf_counter()
     train_items, val_items = level_items(level, config, seed)
     model, processor = build_ladder_model(config, arm, seed)
@@ -357,18 +390,102 @@ def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[st
     }
 
 
-def _segmentation_data(config: GroundingConfig, model, split: str, limit: int):  # noqa: ANN001, ANN202
+def _world_data(config: GroundingConfig, model, level: str, split: str, limit: int):  # noqa: ANN001, ANN202
+    """The level's dataset of the world, as the trainer reads it: L5 the relative-depth questions with their
+    depth spans, L6 the referring expressions (no span)."""
     from perceptio.train.config import DataConfig, DatasetConfig
     from perceptio.train.data import TrainingData
 
     world = Path(config.world)  # type: ignore[arg-type]
-    spec = DatasetConfig(format="refcoco", path=world, split=split, image_root=world / "images", limit=limit)
-    data = DataConfig(datasets={"refseg": spec}, depth_cot=False, seg_depth_span=False)
+    if level == "L5":
+        spec = DatasetConfig(
+            format="hardblink",
+            path=world / "hardblink" / split,
+            split=split,
+            depth=world / "depth" / split,
+            limit=limit,
+        )
+        data = DataConfig(datasets={"data": spec}, depth_cot=True)
+    else:
+        spec = DatasetConfig(format="refcoco", path=world, split=split, image_root=world / "images", limit=limit)
+        data = DataConfig(datasets={"data": spec}, depth_cot=False, seg_depth_span=False)
     return TrainingData.from_config(data, model.depth_tokenizer, progress=False)
 
 
-def _segmentation_scores(model, batches: list[dict[str, Any]], *, shuffle: bool) -> tuple[float, float]:  # noqa: ANN001
-    """(cIoU over the batches' objects at the mask decoder's resolution, mean loss)."""
+def swap_spans(input_ids: torch.Tensor, labels: torch.Tensor, code_ids: range) -> torch.Tensor:
+    """``input_ids`` with each row's depth codes replaced by the previous row's (rows rolled by one): the control
+    of the span-use gap. Every row must hold the same number of code positions; the labels are left as they are."""
+    codes = (labels >= code_ids.start) & (labels < code_ids.stop)
+    counts = codes.sum(1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise ValueError(
+            f"every row needs the same, non-zero number of depth codes to swap spans; got {counts.tolist()}"
+        )
+    swapped = input_ids.clone()
+    rows = [input_ids[k][codes[k]] for k in range(len(input_ids))]
+    for k in range(len(input_ids)):
+        swapped[k][codes[k]] = rows[k - 1]
+    return swapped
+
+
+def _letter_ids(text_tokenizer) -> torch.Tensor:  # noqa: ANN001 - a transformers tokenizer
+    """The ids of every token that reads as one marker letter (``B``, `` B``...)."""
+    import torch
+
+    letters = {chr(c) for c in range(ord("A"), ord("Z") + 1)}
+    return torch.tensor(
+        [i for i in range(len(text_tokenizer)) if text_tokenizer.decode([i]).strip() in letters], dtype=torch.long
+    )
+
+
+def _span_scores(  # noqa: ANN001
+    model, batches: list[dict[str, Any]], letter_ids: torch.Tensor, *, shuffle: bool, swap: bool = False
+) -> dict[str, float]:
+    """L5, teacher-forced, the right span in the context (or with ``swap`` another row's): accuracy of the first
+    letter token after the span (the validation answers are written " (B)"), the summed loss of the answer, and
+    the code accuracy of the span itself."""
+    import torch
+    import torch.nn.functional as F
+
+    from perceptio.losses import IGNORE_INDEX
+
+    ids = model.config.resolved_token_ids
+    was_training = model.training
+    model.eval()
+    hits, losses, code_hits = [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            input_ids, pixels = batch["input_ids"], batch["pixel_values"]
+            if shuffle:
+                pixels = torch.roll(pixels, 1, dims=0)
+            if swap:
+                input_ids = swap_spans(input_ids, batch["labels"], ids.code_ids)
+            logits = model.vlm(input_ids=input_ids, attention_mask=batch["attention_mask"], pixel_values=pixels).logits
+            logits, targets = logits[:, :-1], batch["labels"][:, 1:]
+            position = torch.arange(targets.shape[1])
+            end = torch.where(targets == ids.depth_end, position, -1).max(1, keepdim=True).values
+            answer = (targets != IGNORE_INDEX) & (position > end) & (end >= 0)
+            token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            losses += (token_loss * answer).sum(1).tolist()
+            predicted = logits.argmax(-1)
+            letter = answer & torch.isin(targets, letter_ids)
+            for row in range(len(targets)):
+                where = letter[row].nonzero()
+                if len(where) == 0:
+                    raise ValueError("an L5 answer holds no marker letter after the depth span")
+                hits.append(bool(predicted[row, where[0, 0]] == targets[row, where[0, 0]]))
+            codes = (targets >= ids.code_ids.start) & (targets < ids.code_ids.stop)
+            code_hits += (predicted == targets)[codes].tolist()
+    model.train(was_training)
+    return {
+        "accuracy": float(np.mean(hits)),
+        "loss": float(np.mean(losses)),
+        "code_accuracy": float(np.mean(code_hits)),
+    }
+
+
+def _segmentation_scores(model, batches: list[dict[str, Any]], *, shuffle: bool) -> dict[str, float]:  # noqa: ANN001
+    """L6: cIoU over the batches' objects at the mask decoder's resolution, and the mean loss."""
     import torch
     import torch.nn.functional as F
 
@@ -392,11 +509,20 @@ def _segmentation_scores(model, batches: list[dict[str, Any]], *, shuffle: bool)
                 inter += float((predicted & truth).sum())
                 union += float((predicted | truth).sum())
     model.train(was_training)
-    return (inter / union if union else 0.0), float(np.mean(losses))
+    return {"accuracy": inter / union if union else 0.0, "loss": float(np.mean(losses))}
 
 
-def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[str, Any]:
-    """L6: referring segmentation alone ("Please segment ..." -> the segmentation token), full Perceptio forward."""
+def _letter_prior(train, val) -> float:  # noqa: ANN001 - the TrainingData datasets of L5
+    """The majority answer per number of markers (from the training questions), scored on the validation ones."""
+    as_items = [
+        [LadderItem(None, "", sample.answer, str(len(sample.letters))) for sample in samples]
+        for samples in (train, val)
+    ]
+    return answer_prior(*as_items)
+
+
+def _run_perceptio_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[str, Any]:
+    """L5 and L6: one dataset of the world, the full Perceptio forward and loss (spatial tokens included)."""
     import torch
 
     from perceptio.train.data import collate
@@ -404,30 +530,52 @@ def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[
 
     began = time.perf_counter()
     model, processor = build_ladder_model(config, arm, seed)
-    model.load_segmenter(config.segmenter)  # type: ignore[arg-type]
-    model.config.seg_multimask = False  # the pretrained tiny SAM2 trains its single-mask output
+    if level == "L5":
+        model.load_depth_tokenizer(config.tokenizer)  # type: ignore[arg-type]
+    else:
+        model.load_segmenter(config.segmenter)  # type: ignore[arg-type]
+        model.config.seg_multimask = False  # the pretrained tiny SAM2 trains its single-mask output
     model.freeze_frozen_parts()
-    train = _segmentation_data(config, model, "train", config.train_images)
-    val = _segmentation_data(config, model, "val", config.val_images)
+    train = _world_data(config, model, level, "train", config.train_images)
+    val = _world_data(config, model, level, "val", config.val_images)
     rng = np.random.default_rng(seed)
-    val_examples = [val.example("refseg", i, rng) for i in range(len(val.datasets["refseg"]))]
+    val_examples = [val.example("data", i, rng) for i in range(len(val.datasets["data"]))]
+    if level == "L5":  # one phrasing, so that the first letter after the span is the answer ("Point B..." is not)
+        end = val.vocab.depth_end_token
+        val_examples = [
+            replace(e, target=e.target[: e.target.index(end) + len(end)] + f" ({sample.answer})")
+            for e, sample in zip(val_examples, val.datasets["data"], strict=True)
+        ]
     val_batches = [collate(val_examples[i : i + 16], processor) for i in range(0, len(val_examples), 16)]
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, round(0.05 * config.steps))
-    size = len(train.datasets["refseg"])
+    size = len(train.datasets["data"])
+    letters = _letter_ids(processor.text_tokenizer)
     curve = []
 
     def evaluate(step: int) -> None:
-        ciou, loss = _segmentation_scores(model, val_batches, shuffle=False)
-        shuffled_ciou, shuffled_loss = _segmentation_scores(model, val_batches, shuffle=True)
+        if level == "L5":
+            right = _span_scores(model, val_batches, letters, shuffle=False)
+            shuffled = _span_scores(model, val_batches, letters, shuffle=True)
+            swapped = _span_scores(model, val_batches, letters, shuffle=False, swap=True)
+            extra = {
+                "code_accuracy": right["code_accuracy"],
+                "swapped_accuracy": swapped["accuracy"],
+                "span_use_gap": swapped["loss"] - right["loss"],
+            }
+        else:
+            right = _segmentation_scores(model, val_batches, shuffle=False)
+            shuffled = _segmentation_scores(model, val_batches, shuffle=True)
+            extra = {}
         curve.append(
             {
                 "step": step,
-                "accuracy": ciou,
-                "loss": loss,
-                "shuffled_accuracy": shuffled_ciou,
-                "shuffled_loss": shuffled_loss,
-                "image_use_gap": shuffled_loss - loss,
+                "accuracy": right["accuracy"],
+                "loss": right["loss"],
+                "shuffled_accuracy": shuffled["accuracy"],
+                "shuffled_loss": shuffled["loss"],
+                "image_use_gap": shuffled["loss"] - right["loss"],
+                **extra,
             }
         )
 
@@ -438,10 +586,10 @@ def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[
             group["lr"] = config.lr * warmup_cosine(
                 step, warmup_steps=warmup, total_steps=config.steps, min_lr_ratio=0.1
             )
-        examples = [train.example("refseg", int(i), rng) for i in rng.integers(0, size, config.batch_size)]
+        examples = [train.example("data", int(i), rng) for i in rng.integers(0, size, config.batch_size)]
         loss = model(**collate(examples, processor)).loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"level L6, arm {arm}, seed {seed}: non-finite loss at step {step}")
+            raise FloatingPointError(f"level {level}, arm {arm}, seed {seed}: non-finite loss at step {step}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -449,11 +597,12 @@ def _run_segmentation_job(config: GroundingConfig, arm: str, seed: int) -> dict[
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             evaluate(step + 1)
     return {
-        "level": "L6",
+        "level": level,
         "arm": arm,
         "seed": seed,
         "options": ARMS[arm],
-        "prior": None,  # no answer prior for masks: the reference is the point-prompted SAM2
+        # L6 has no answer prior: its reference is the point-prompted SAM2
+        "prior": _letter_prior(train.datasets["data"], val.datasets["data"]) if level == "L5" else None,
         "curve": curve,
         "final": curve[-1],
         "seconds": round(time.perf_counter() - began, 1),
@@ -481,8 +630,10 @@ def _job_settings(config: GroundingConfig, level: str, arm: str, seed: int) -> d
         from perceptio.quickstart import _base_fingerprint
 
         settings["base"] = _base_fingerprint(config.base)
-    if level in WORLD_LEVELS or level == "L6":
+    if level in WORLD_LEVELS or level in PERCEPTIO_LEVELS:
         settings["world"] = str(Path(config.world).resolve())  # type: ignore[arg-type]
+    if level == "L5":
+        settings["tokenizer"] = str(Path(config.tokenizer).resolve())  # type: ignore[arg-type]
     if level == "L6":
         settings["segmenter"] = str(Path(config.segmenter).resolve())  # type: ignore[arg-type]
     return settings
@@ -559,11 +710,16 @@ def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) ->
             acc = [100 * r["final"]["accuracy"] for r in group]
             gap = np.mean([r["final"]["image_use_gap"] for r in group])
             spread = f" ± {np.std(acc):.1f}" if len(acc) > 1 else ""
-            cells.append(f"{np.mean(acc):.1f}{spread} (gap {gap:+.2f})")
+            span = ""
+            if level == "L5":
+                span = f", span gap {np.mean([r['final']['span_use_gap'] for r in group]):+.2f}"
+            cells.append(f"{np.mean(acc):.1f}{spread} (gap {gap:+.2f}{span})")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "L6 reports cIoU (%) of the segmentation-token masks instead of accuracy. "
+        "L5's span gap: val answer loss with the depth spans swapped across the batch minus with the right ones "
+        "(0: the letter does not read the span). L6 reports cIoU (%) of the segmentation-token masks instead of "
+        "accuracy. "
         f"Accuracy (%) on {config.val_images} val questions after {config.steps} steps of batch {config.batch_size}, "
         f"lr {config.lr}, {config.seeds} seed(s); gap = val loss with shuffled images minus with the right ones "
         "(nats per question; 0: the image is not used)."

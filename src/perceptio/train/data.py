@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from perceptio.data.errors import BadItemReport, DataError
-from perceptio.data.readers import READERS, read_depth_folder
+from perceptio.data.readers import READERS, check_sample, read_depth_folder
 from perceptio.data.schema import Sample, Task
 from perceptio.data.templates import render_sample
 from perceptio.tokenizers.depth.model import DepthTokenizer
@@ -144,6 +144,7 @@ class TrainingData:
         depth_tokenizer: DepthTokenizer,
         *,
         specs: dict[str, DatasetConfig] | None = None,
+        report: BadItemReport | None = None,
         cache_dir: Path | None = None,
         progress: bool = True,
     ) -> None:
@@ -153,6 +154,8 @@ class TrainingData:
         self.vocab: PerceptionVocab = depth_tokenizer.vocab
         self.codes: dict[str, list[np.ndarray | None]] = {}
         self._attach_depth()
+        if config.skip_bad:
+            self._leave_out_unusable(report, progress)
         self._encode_depth(depth_tokenizer, cache_dir, progress)
 
     @classmethod
@@ -166,13 +169,20 @@ class TrainingData:
         cache_dir: Path | None = None,
         progress: bool = True,
     ) -> TrainingData:
-        """Read every dataset of ``specs`` (default: ``config.datasets``) and compute their depth codes."""
+        """Read every dataset of ``specs`` (default: ``config.datasets``) and compute their depth codes.
+
+        With ``config.skip_bad``, every sample is also decoded once here (images, masks, depth maps: the checks of
+        ``perceptio data check``) and the bad ones are left out and recorded in ``report``, so that a long run does
+        not stop at the first bad item it draws.
+        """
         specs = config.datasets if specs is None else specs
         datasets = {
             name: load_dataset(name, spec, root=config.root, skip_bad=config.skip_bad, report=report)
             for name, spec in specs.items()
         }
-        return cls(datasets, config, depth_tokenizer, specs=specs, cache_dir=cache_dir, progress=progress)
+        return cls(
+            datasets, config, depth_tokenizer, specs=specs, report=report, cache_dir=cache_dir, progress=progress
+        )
 
     def sizes(self) -> dict[str, int]:
         return {name: len(samples) for name, samples in self.datasets.items()}
@@ -194,6 +204,29 @@ class TrainingData:
                     sample = dataclasses.replace(sample, depth=index[key])
                 attached.append(sample)
             self.datasets[name] = attached
+
+    def _leave_out_unusable(self, report: BadItemReport | None, progress: bool) -> None:
+        """Decode every sample once (images, masks, depth maps, with the checks of ``perceptio data check``) and
+        leave out the bad ones, recorded in ``report``: a long run must not stop at the first bad item it draws."""
+        if report is None:
+            raise ValueError("data.skip_bad needs a BadItemReport to record the skipped items in")
+        decoded: dict[str, object] = {}  # each image and depth map is decoded once, however many samples share it
+        for name, samples in self.datasets.items():
+            kept = []
+            for sample in tqdm(samples, desc=f"checking {name}", unit="sample", disable=not progress, leave=False):
+                try:
+                    check_sample(sample, decoded=decoded)
+                except DataError as err:
+                    item = f"dataset {name!r}, sample {sample.sample_id}" + (f", {err.item}" if err.item else "")
+                    report.add(DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix))
+                    continue
+                kept.append(sample)
+            if not kept:
+                raise DataError(
+                    f"dataset {name!r}: every sample is unusable ({len(samples)} skipped)",
+                    fix="check the data with perceptio data check, or remove the dataset from the recipe",
+                )
+            self.datasets[name] = kept
 
     def _encode_depth(self, tokenizer: DepthTokenizer, cache_dir: Path | None, progress: bool) -> None:
         size = tokenizer.config.input_size

@@ -9,6 +9,7 @@ Every reader reads annotations eagerly and leaves images, masks and depth maps a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sized
+from typing import Any
 
 from perceptio.data.errors import BadItemReport, DataError, handle
 from perceptio.data.readers._common import check_skip_args
@@ -18,7 +19,7 @@ from perceptio.data.readers.depth import read_depth_folder, read_depth_map
 from perceptio.data.readers.hardblink import available_points, read_hardblink
 from perceptio.data.readers.mmbench import read_mmbench
 from perceptio.data.readers.refer import assert_no_eval_images, eval_image_ids, load_refs, read_refer
-from perceptio.data.schema import Sample
+from perceptio.data.schema import DepthRef, Sample, depth_values_problem
 
 __all__ = [
     "READERS",
@@ -48,32 +49,48 @@ READERS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 
-def check_sample(sample: Sample) -> None:
-    """Decode every image, mask and depth map of ``sample`` and check that their sizes agree.
+def _cached(key: str, decoded: dict[str, Any] | None, load: Callable[[], Any]) -> Any:
+    """``load()``, or its result (or error) from an earlier call with the same ``key`` in ``decoded``."""
+    if decoded is None:
+        return load()
+    if key not in decoded:
+        try:
+            decoded[key] = load()
+        except DataError as err:
+            decoded[key] = err
+    if isinstance(decoded[key], DataError):
+        raise decoded[key]
+    return decoded[key]
+
+
+def check_sample(sample: Sample, *, decoded: dict[str, Any] | None = None) -> None:
+    """Decode every image, mask and depth map of ``sample`` and check that their sizes agree, and that the depth
+    map is usable as a depth-span target (the depth tokenizer's rules).
 
     Masks and the depth map must have the (H, W) of the first image; points must lie inside it. Raises
-    DataError naming the offending file.
+    DataError naming the offending file. ``decoded`` (a dict kept across calls) remembers each image's size and
+    each depth map's check, so that samples sharing an image decode it once.
     """
-    images = [ref.load() for ref in sample.images]
-    if not images:
+    sizes = [_cached(f"image:{ref.describe()}", decoded, lambda ref=ref: ref.load().size) for ref in sample.images]
+    if not sizes:
         if sample.masks or sample.depth is not None or sample.points:
             raise DataError("sample has masks, depth or points but no image", fix="give the sample its image")
         return
-    width, height = images[0].size
+    width, height = sizes[0]
     first = sample.images[0].describe()
     for mask in sample.masks:
-        decoded = mask.decode()
-        if decoded.shape != (height, width):
+        raster = mask.decode()
+        if raster.shape != (height, width):
             raise DataError(
-                f"mask is {decoded.shape[0]}x{decoded.shape[1]} but its image {first} is {height}x{width} (HxW)",
+                f"mask is {raster.shape[0]}x{raster.shape[1]} but its image {first} is {height}x{width} (HxW)",
                 path=mask.name,
                 fix="the mask was made for another image or resolution; check the annotation's height/width",
             )
     if sample.depth is not None:
-        values = sample.depth.load().values
-        if values.shape != (height, width):
+        shape = _cached(f"depth:{sample.depth.path}", decoded, lambda: _usable_depth_shape(sample.depth))
+        if shape != (height, width):
             raise DataError(
-                f"depth map is {values.shape[0]}x{values.shape[1]} but its image {first} is {height}x{width} (HxW)",
+                f"depth map is {shape[0]}x{shape[1]} but its image {first} is {height}x{width} (HxW)",
                 path=sample.depth.path,
                 fix="pair each depth map with its own image, or resize it with nearest neighbour",
             )
@@ -84,6 +101,19 @@ def check_sample(sample: Sample) -> None:
                 path=first,
                 fix="points are pixel coordinates (x right, y down) of the original image",
             )
+
+
+def _usable_depth_shape(ref: DepthRef) -> tuple[int, int]:
+    """The (H, W) of a depth map the depth tokenizer can take as a span target; DataError naming it otherwise."""
+    depth = ref.load()
+    problem = depth_values_problem(depth.values, quantity=depth.convention.quantity, valid=depth.valid)
+    if problem is not None:
+        raise DataError(
+            f"depth map unusable as a depth-span target: {problem}",
+            path=ref.path,
+            fix="re-export the map (finite, varying, positive depth where valid), or leave it out (--skip-bad)",
+        )
+    return depth.values.shape
 
 
 def check_samples(
@@ -104,9 +134,10 @@ def check_samples(
     check_skip_args(skip_bad, report)
     total = len(samples) if isinstance(samples, Sized) else None
     passed = 0
+    decoded: dict[str, Any] = {}
     for sample in tqdm(samples, total=total, desc="checking samples", unit="sample", disable=not progress):
         try:
-            check_sample(sample)
+            check_sample(sample, decoded=decoded)
         except DataError as err:
             item = f"sample {sample.sample_id}" + (f", {err.item}" if err.item is not None else "")
             located = DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from perceptio.data.schema import depth_values_problem
+
 __all__ = ["DepthInputError", "DepthStats", "denormalize_depth", "normalize_depth", "resize_nearest"]
 
 Quantity = Literal["depth", "inverse_depth"]
@@ -52,35 +54,14 @@ def normalize_depth(
         DepthInputError: for a wrong shape or dtype, non-finite values outside ``valid``, non-positive depth, a
             map with no valid pixel, or a constant map (min-max normalisation is undefined for it).
     """
-    arr = np.asarray(values)
-    if arr.ndim != 2:
-        raise DepthInputError(f"{name}: expected a single (H, W) map, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise DepthInputError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    finite = np.isfinite(arr)
-    if valid is None:
-        if not finite.all():
-            bad = int((~finite).sum())
-            raise DepthInputError(
-                f"{name}: {bad} NaN/inf value(s); pass valid= to mark missing measurements, or fill them first"
-            )
-        mask = np.ones(arr.shape, dtype=bool)
-    else:
-        mask = np.asarray(valid, dtype=bool) & finite
-    if not mask.any():
-        raise DepthInputError(f"{name}: no valid pixel")
-    if quantity == "depth":
-        if (arr[mask] <= 0).any():
-            raise DepthInputError(f"{name}: depth must be positive where valid (found {arr[mask].min():.4g})")
-        inverse = np.where(mask, 1.0 / np.where(mask, arr, 1.0), 0.0)
-    elif quantity == "inverse_depth":
-        inverse = np.where(mask, arr, 0.0)
-    else:
+    if quantity not in ("depth", "inverse_depth"):
         raise ValueError(f"quantity must be 'depth' or 'inverse_depth', got {quantity!r}")
+    if (problem := depth_values_problem(values, quantity=quantity, valid=valid)) is not None:
+        raise DepthInputError(f"{name}: {problem}")
+    arr = np.asarray(values).astype(np.float64)
+    mask = np.isfinite(arr) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(arr)
+    inverse = np.where(mask, 1.0 / np.where(mask, arr, 1.0), 0.0) if quantity == "depth" else np.where(mask, arr, 0.0)
     low, high = float(inverse[mask].min()), float(inverse[mask].max())
-    if not high > low:
-        raise DepthInputError(f"{name}: the map is constant ({high:.6g} everywhere); relative depth is undefined")
     normalized = np.where(mask, (inverse - low) / (high - low), 0.0)
     return normalized.astype(np.float32), DepthStats(low, high)
 

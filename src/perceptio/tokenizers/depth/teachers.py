@@ -344,7 +344,11 @@ def _to_teacher_map(raw: RawDepth, size: int, *, name: str, rounded: bool) -> Te
     try:
         normalized, stats = normalize_depth(raw.values, quantity=raw.quantity, valid=raw.valid, name="teacher depth")
     except DepthInputError as err:
-        raise DataError(str(err), item=name, fix="check this image's depth, or run with --skip-bad") from None
+        raise DataError(
+            str(err),
+            item=name,
+            fix="check this depth map (perceptio data check --format depth lists every unusable one)",
+        ) from None
     depth = resize_nearest(normalized, size)[0].numpy()
     if rounded:  # the precision the cache stores, so cached and fresh runs see the same numbers
         depth = depth.astype(np.float16).astype(np.float32)
