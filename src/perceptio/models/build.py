@@ -24,6 +24,7 @@ from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneratio
 from perceptio.models.presets import PRESETS
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.tokenizers.depth.model import DepthTokenizer
+from perceptio.utils.weights_files import with_user_umask
 
 __all__ = ["BUILD_OPTIONS", "build_preset", "from_components", "load_model", "save_model"]
 
@@ -122,6 +123,7 @@ def save_model(model: PerceptioForConditionalGeneration, processor: PerceptioPro
     """Save a model with its text tokenizer (and system prompt) so :func:`load_model` restores both."""
     directory = Path(directory)
     model.save_pretrained(directory)
+    with_user_umask(directory)
     processor.text_tokenizer.save_pretrained(directory)
     if processor.system_prompt:
         (directory / "system_prompt.txt").write_text(processor.system_prompt)

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from perceptio.utils.checkpoints import latest_checkpoint
+from perceptio.utils.weights_files import with_user_umask
 
 __all__ = ["gather_state", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -90,6 +91,7 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict, optim: dict, state:
         if isinstance(value, torch.Tensor)
     }
     save_file(moments, str(tmp / "optimizer.safetensors"))
+    with_user_umask(tmp)
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim["param_groups"]]
     (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))

@@ -26,6 +26,7 @@ from perceptio.data.schema import Sample
 from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
+from perceptio.utils.weights_files import with_user_umask
 
 __all__ = [
     "SegmenterPretrainConfig",
@@ -179,6 +180,7 @@ def pretrain_segmenter(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     sam.eval()
     sam.save_pretrained(out_dir)
+    with_user_umask(out_dir)
     summary = {"config": asdict(config), "objects": len(objects.masks), "seconds": time.perf_counter() - began}
     (out_dir / "pretraining.json").write_text(json.dumps({**summary, "log": log}, indent=2) + "\n")
     return sam

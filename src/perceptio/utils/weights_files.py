@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CorruptWeightsError", "check_safetensors_file", "check_safetensors_folder"]
+__all__ = ["CorruptWeightsError", "check_safetensors_file", "check_safetensors_folder", "with_user_umask"]
 
 
 class CorruptWeightsError(ValueError):
@@ -48,3 +48,17 @@ def check_safetensors_folder(folder: str | Path) -> list[Path]:
     for path in files:
         check_safetensors_file(path)
     return files
+
+
+def with_user_umask(path: str | Path) -> None:
+    """Give the safetensors file ``path`` (or every ``*.safetensors`` file under the folder ``path``) the mode a
+    newly created file gets under the user's umask. The safetensors library writes through a private temporary
+    file, so its files come out 0600 whatever the umask: unreadable to the group that shares a run folder."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    for file in files:
+        file.chmod(0o666 & ~mask)

@@ -28,7 +28,7 @@ from torch import nn
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.normalize import DepthInputError, Quantity, normalize_depth, resize_nearest
 from perceptio.tokenizers.depth.quantizer import EMAQuantizer
-from perceptio.utils.weights_files import check_safetensors_file
+from perceptio.utils.weights_files import check_safetensors_file, with_user_umask
 from perceptio.vocab import PerceptionVocab
 
 __all__ = ["CheckpointMismatchError", "DepthTokenizer", "DepthTokenizerOutput"]
@@ -298,6 +298,7 @@ class DepthTokenizer(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"model_type": MODEL_TYPE})
+        with_user_umask(directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(

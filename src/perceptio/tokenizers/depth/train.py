@@ -26,6 +26,7 @@ from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.utils.checkpoints import last_good_checkpoint, latest_checkpoint
 from perceptio.utils.jsonl import read_jsonl
 from perceptio.utils.runlock import run_lock
+from perceptio.utils.weights_files import with_user_umask
 
 __all__ = ["TokenizerTrainConfig", "latest_checkpoint", "train_tokenizer"]
 
@@ -87,6 +88,7 @@ def _save_checkpoint(
         for name, value in slots.items()
     }
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    with_user_umask(tmp / "optimizer.safetensors")
     (tmp / "optimizer_groups.json").write_text(json.dumps(opt_state["param_groups"]))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if final.exists():
