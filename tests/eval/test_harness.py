@@ -209,3 +209,21 @@ def test_a_limit_on_the_real_benchmark_keeps_every_point_count() -> None:
     kept = load_task_samples(EvalSettings(task="hardblink", model=Path("m"), data=HARDBLINK, out=Path("o"), limit=30))
     counts = Counter(len(s.letters) for s in kept)
     assert len(kept) == 30 and counts == {3: 10, 4: 10, 5: 10}
+
+
+def test_resume_refuses_predictions_of_other_weights_in_the_same_folder(world_dir: Path, tmp_path: Path) -> None:
+    """A model retrained into the same folder is another model: its predictions must not merge with the old ones;
+    the same weights moved to another folder resume."""
+    import shutil
+
+    first, processor = build_preset("tiny", seed=0)
+    folder = save_model(first, processor, tmp_path / "model")
+    data, out = world_dir / "hardblink" / "val", tmp_path / "eval"
+    run_eval(_settings("hardblink", folder, data, out, limit=2), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    run_eval(_settings("hardblink", moved, data, out, limit=2, resume=True), progress=False)  # same weights
+    retrained, processor = build_preset("tiny", seed=1)
+    save_model(retrained, processor, folder)
+    with pytest.raises(ValueError, match="cannot resume predictions made with other settings.*weights"):
+        run_eval(_settings("hardblink", folder, data, out, limit=2, resume=True), progress=False)

@@ -55,6 +55,7 @@ from perceptio.tokenizers.depth.evaluate import depth_metrics
 from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
 from perceptio.utils.jsonl import read_jsonl
 from perceptio.utils.runlock import run_lock
+from perceptio.utils.weights_files import weights_digest
 
 __all__ = ["TASKS", "EvalSettings", "load_task_samples", "run_eval", "summarize"]
 
@@ -425,10 +426,11 @@ class IncompleteEvaluationError(RuntimeError):
 
 
 def _protocol(settings: EvalSettings) -> dict[str, Any]:
-    """What must not change between an evaluation and its resumption."""
+    """What must not change between an evaluation and its resumption. The model is identified by its weights, not
+    its path: a model retrained into the same folder must not merge its predictions with the old model's."""
     return {
         "task": settings.task,
-        "model": str(Path(settings.model).resolve()),
+        "weights": weights_digest(settings.model),
         "data": str(Path(settings.data).resolve()),
         "split": settings.split,
         "dataset": settings.dataset if settings.task == "refcoco" else None,

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CorruptWeightsError", "check_safetensors_file", "check_safetensors_folder", "with_user_umask"]
+__all__ = [
+    "CorruptWeightsError",
+    "check_safetensors_file",
+    "check_safetensors_folder",
+    "weights_digest",
+    "with_user_umask",
+]
 
 
 class CorruptWeightsError(ValueError):
@@ -62,3 +68,17 @@ def with_user_umask(path: str | Path) -> None:
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     for file in files:
         file.chmod(0o666 & ~mask)
+
+
+def weights_digest(folder: str | Path, *, chunk: int = 1 << 22) -> str:
+    """SHA-256 (hex, first 16 digits) over the names and bytes of every ``*.safetensors`` file in ``folder``,
+    streamed: what identifies a model's weights wherever the folder lives."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()[:16]
