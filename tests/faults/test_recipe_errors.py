@@ -17,6 +17,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_synth.yaml"
     [
         ("run.global_batch_size=10", "run.global_batch_size 10 is not a multiple of run.micro_batch_size 4"),
         ("run.threads=-2", "run.threads must be at least 1"),
+        ("model.preset=huge", "model.preset 'huge' is not a preset; the presets are ['smol', 'tiny']"),
     ],
 )
 def test_bad_run_settings_fail_before_any_file(world_dir: Path, tmp_path: Path, override: str, message: str) -> None:
@@ -25,3 +26,38 @@ def test_bad_run_settings_fail_before_any_file(world_dir: Path, tmp_path: Path, 
     result = CliRunner().invoke(app, [*args, override])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not out.exists()  # nothing written that would block the corrected run
+
+
+def test_file_system_errors_are_one_line_with_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that cannot be written (permissions, a full or read-only disk, a file in the way) is the user's to
+    fix: the console script prints one line and exits 2; other errors keep their traceback."""
+    import errno
+    import subprocess
+    import sys
+
+    import perceptio.cli.main as cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    run = subprocess.run(
+        [sys.executable, "-m", "perceptio", "data", "synth", "--out", str(blocker / "world"), "--num-images", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: cannot use {blocker / 'world'}" in run.stderr
+
+    def denied(**_: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/out")
+
+    monkeypatch.setattr(cli, "app", denied)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+
+    def broken(**_: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        cli.main()

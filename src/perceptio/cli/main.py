@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -857,9 +858,26 @@ def experiment_grounding(
     typer.echo(f"results in {out / 'results.md'} and {out / 'results.json'}")
 
 
+#: File-system errors that are the user's to fix (permissions, a full or read-only disk, a file where a folder
+#: should be): one line and exit 2. Any other OSError keeps its traceback.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
+
+
 def main() -> None:
     """Entry point of the `perceptio` console script."""
-    app(prog_name="perceptio")
+    try:
+        app(prog_name="perceptio")
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        typer.secho(
+            f"error: cannot use{where}: {err.strerror}. Fix: choose a path you can write to (e.g. another --out), "
+            "free disk space, or fix the permissions",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

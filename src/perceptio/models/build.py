@@ -36,7 +36,7 @@ def build_preset(
 
     ``options`` set ``PerceptioConfig`` fields (e.g. ``image_token_norm="none"``) before the model is built."""
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}; the presets are {sorted(PRESETS)}")
     preset = PRESETS[name]
     if preset.build is not None:  # presets with pretrained parts build themselves (config comes with the weights)
         return preset.build(seed, **options)

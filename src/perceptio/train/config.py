@@ -84,6 +84,11 @@ class ModelConfig:
             )
         if (self.vlm is None) != (self.segmenter is None):
             raise ValueError("vlm and segmenter go together: give both local checkpoint folders")
+        if self.preset is not None:
+            from perceptio.models.presets import PRESETS  # lazy: the model classes are not needed to read a recipe
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"model.preset {self.preset!r} is not a preset; the presets are {sorted(PRESETS)}")
 
 
 @dataclass(frozen=True)
