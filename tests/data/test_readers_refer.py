@@ -162,9 +162,10 @@ def test_no_target_ref_has_no_masks(refer_root: Path) -> None:
 
 def test_unknown_split_lists_available(refer_root: Path) -> None:
     with pytest.raises(
-        DataError, match=r"unknown split 'testC'; the file has splits \['testA', 'testB', 'train', 'val'\]"
+        DataError, match=r"unknown split 'testC'; this file's refs select \['test', 'testA', 'testB', 'train', 'val'\]"
     ):
         read_refer(refer_root, "refcoco", split="testC")
+    assert read_refer(refer_root, "refcoco", split="test")  # listed, and accepted: every test split
     with pytest.raises(DataError, match=r"refs\(unc\)\.p.*unknown split 'validation'"):
         read_refer(refer_root, "refcoco", split="validation")
 

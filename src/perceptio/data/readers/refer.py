@@ -106,11 +106,24 @@ def _dataset_folder(dataset: str, root: Path) -> str:
 def _split_predicate(refs: Sequence[dict[str, Any]], split: str, path: Path) -> Callable[[str], bool]:
     """refer.getRefIds semantics: testA/B/C select splits containing that letter, ``test`` any test split."""
     available = [str(ref.get("split")) for ref in refs]
-    if split in ("testA", "testB", "testC"):
-        return select_split(available, split, path=path, matches=lambda name: split[-1] in name)
-    if split == "test":
-        return select_split(available, split, path=path, matches=lambda name: "test" in name)
-    return select_split(available, split, path=path)
+
+    def matcher(wanted: str) -> Callable[[str], bool]:
+        if wanted in ("testA", "testB", "testC"):
+            return lambda name: wanted[-1] in name
+        if wanted == "test":
+            return lambda name: "test" in name
+        return lambda name: name == wanted
+
+    selectable = sorted(
+        {*available, *(w for w in ("test", "testA", "testB", "testC") if any(map(matcher(w), available)))}
+    )
+    if split not in selectable:
+        raise DataError(
+            f"unknown split {split!r}; this file's refs select {selectable} (test: every test split)",
+            path=path,
+            fix=f"pass one of {selectable}",
+        )
+    return select_split(available, split, path=path, matches=matcher(split))
 
 
 def _resolve_image_root(root: Path, folder: str, image_root: str | Path | None, probe: str | None) -> Path:

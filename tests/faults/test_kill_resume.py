@@ -1,0 +1,114 @@
+"""SIGKILL at random moments of evaluation, depth-tokenizer training and training (3 seeds each), then the
+command again with ``--resume`` (or, when the kill came before the first checkpoint, afresh): the result equals the
+uninterrupted run's, and no finished work is lost. The slow tier (each case runs the command two or three times)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from perceptio.utils.checkpoints import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SEEDS = (0, 1, 2)
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_synth.yaml"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def _perceptio(*args: str) -> list[str]:
+    return [sys.executable, "-m", "perceptio", *args]
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _kill_at_random(command: list[str], started: Callable[[], bool], seed: int, within: float) -> bool:
+    """Start ``command``; once ``started()`` holds, SIGKILL it after a delay drawn from [0, within) s. Returns
+    whether it was killed (False: it finished first)."""
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not started():
+        if process.poll() is not None:
+            return False
+        assert time.time() < deadline, "the job never started its work"
+        time.sleep(0.02)
+    time.sleep(random.Random(seed).uniform(0, within))
+    if process.poll() is not None:
+        return False
+    process.kill()
+    process.wait()
+    return True
+
+
+def test_evaluation_killed_at_random_resumes_to_the_same_predictions(world_dir: Path, tmp_path: Path) -> None:
+    data = ["eval", "hardblink", "--data", str(world_dir / "hardblink" / "val"), "--batch-size", "2"]
+    straight = tmp_path / "straight"
+    _run(_perceptio(*data, "--out", str(straight)))
+    killed_any = False
+    for seed in SEEDS:
+        out = tmp_path / f"killed{seed}"
+        killed_any |= _kill_at_random(
+            _perceptio(*data, "--out", str(out)), lambda out=out: (out / "predictions.jsonl").is_file(), seed, 4.0
+        )
+        _run(_perceptio(*data, "--out", str(out), "--resume"))
+        assert (out / "predictions.jsonl").read_text() == (straight / "predictions.jsonl").read_text(), seed
+        metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+        assert metrics == json.loads((straight / "metrics.json").read_text())["metrics"], seed
+    assert killed_any, "every run finished before its kill: the test did not test a kill"
+
+
+def test_tokenizer_training_killed_at_random_resumes_exactly(world_dir: Path, tmp_path: Path) -> None:
+    args = ["tokenizer", "train", "--data", str(world_dir), "--steps", "60", "--checkpoint-every", "10"]
+    straight = tmp_path / "straight"
+    _run(_perceptio(*args, "--out", str(straight)))
+    expected = load_file(str(straight / "model.safetensors"))
+    killed_any = False
+    for seed in SEEDS:
+        out = tmp_path / f"killed{seed}"
+        killed_any |= _kill_at_random(
+            _perceptio(*args, "--out", str(out)), lambda out=out: (out / "train_config.json").is_file(), seed, 3.0
+        )
+        again = ["--resume"] if latest_checkpoint(out) is not None else []
+        _run(_perceptio(*args, "--out", str(out), *again))
+        got = load_file(str(out / "model.safetensors"))
+        assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got), seed
+    assert killed_any, "every run finished before its kill: the test did not test a kill"
+
+
+def test_training_killed_at_random_resumes_to_the_same_losses_and_weights(world_dir: Path, tmp_path: Path) -> None:
+    def command(out: Path) -> list[str]:
+        overrides = [f"data.root={world_dir}", "model.depth_tokenizer=null", f"run.out_dir={out}", "run.steps=16",
+                     "run.log_every=2", "run.checkpoint_every=3", "run.threads=1", "run.global_batch_size=4",
+                     "run.micro_batch_size=2", "eval.datasets={}"]  # fmt: skip
+        return _perceptio("train", "--config", str(TINY), *overrides)
+
+    def losses(out: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    straight = tmp_path / "straight"
+    _run(command(straight))
+    expected = load_file(str(straight / "model" / "model.safetensors"))
+    killed_any = False
+    for seed in SEEDS:
+        out = tmp_path / f"killed{seed}"
+        killed_any |= _kill_at_random(command(out), lambda out=out: (out / "trainable.txt").is_file(), seed, 6.0)
+        _run(command(out) + (["--resume"] if latest_checkpoint(out) is not None else ["--overwrite"]))
+        assert losses(out) == losses(straight), seed
+        got = load_file(str(out / "model" / "model.safetensors"))
+        assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got), seed
+    assert killed_any, "every run finished before its kill: the test did not test a kill"
