@@ -22,13 +22,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from perceptio.errors import UserError
+
 __all__ = ["ConfigError", "config_to_dict", "load_config", "parse_overrides", "write_run_record"]
 
 T = TypeVar("T")
 _RECORDED_PACKAGES = ("perceptio", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the configuration; the message names the key and the fix."""
 
 

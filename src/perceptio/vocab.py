@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from perceptio.errors import UserError
+
 __all__ = [
     "DEPTH_END_TOKEN",
     "DEPTH_START_TOKEN",
@@ -46,7 +48,7 @@ def depth_code_token(index: int) -> str:
     return f"{_CODE_PREFIX}{index}>"
 
 
-class DepthSpanError(ValueError):
+class DepthSpanError(UserError, ValueError):
     """A depth span that does not follow the grammar; the message says where and what is wrong."""
 
 
@@ -175,7 +177,7 @@ class PerceptionVocab:
         return f"{self.depth_grid[0]}x{self.depth_grid[1]}"
 
 
-class TokenIdsMismatchError(ValueError):
+class TokenIdsMismatchError(UserError, ValueError):
     """A text tokenizer whose ids for the perception tokens differ from the ones a model was saved with."""
 
 

@@ -61,3 +61,30 @@ def test_file_system_errors_are_one_line_with_exit_2(tmp_path: Path, monkeypatch
     monkeypatch.setattr(cli, "app", broken)
     with pytest.raises(OSError, match="Input/output"):
         cli.main()
+
+
+def test_every_expected_failure_is_a_user_error_the_script_prints_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import perceptio.cli.main as cli
+    from perceptio.config import ConfigError
+    from perceptio.data.errors import DataError
+    from perceptio.errors import UserError
+    from perceptio.eval.harness import IncompleteEvaluationError
+    from perceptio.models.modeling_perceptio import WeightsMismatchError
+    from perceptio.train.loop import NonFiniteLossError
+    from perceptio.utils.runlock import RunFolderLockedError
+    from perceptio.utils.weights_files import CorruptWeightsError
+
+    for kind in (ConfigError, DataError, IncompleteEvaluationError, WeightsMismatchError, NonFiniteLossError,
+                 RunFolderLockedError, CorruptWeightsError):  # fmt: skip
+        assert issubclass(kind, UserError), kind
+
+    def fails(**_: object) -> None:
+        raise DataError("image cannot be decoded", path="a.png", fix="re-encode it")
+
+    monkeypatch.setattr(cli, "app", fails)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: a.png: image cannot be decoded. Fix: re-encode it"

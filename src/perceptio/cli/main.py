@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from perceptio import __version__
+from perceptio.errors import UserError
 from perceptio.experiments.grounding import ARMS as LADDER_ARMS
 from perceptio.experiments.grounding import LEVELS
 
@@ -867,6 +868,9 @@ def main() -> None:
     """Entry point of the `perceptio` console script."""
     try:
         app(prog_name="perceptio")
+    except UserError as err:  # a command that did not catch it itself: still one line, exit 2
+        typer.secho(f"error: {str(err).strip(chr(34))}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     except OSError as err:
         if err.errno not in _USER_OS_ERRORS:
             raise

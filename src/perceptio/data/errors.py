@@ -11,10 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from perceptio.errors import UserError
+
 __all__ = ["BadItem", "BadItemReport", "DataError"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. ``str(err)`` names the location (file, line, item) and the fix."""
 
     def __init__(

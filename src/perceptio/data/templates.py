@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perceptio.data.schema import Sample, Task
+from perceptio.errors import UserError
 from perceptio.vocab import PerceptionVocab
 
 __all__ = ["RenderedSample", "TemplateError", "render_sample"]
@@ -39,7 +40,7 @@ _COT_ANSWERS = (
 _MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A sample that lacks what its task's template needs."""
 
 

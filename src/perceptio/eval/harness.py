@@ -46,6 +46,7 @@ from perceptio.data.readers import (
 )
 from perceptio.data.schema import Sample
 from perceptio.data.templates import render_sample
+from perceptio.errors import UserError
 from perceptio.eval.extract import normalize_answer, parse_answer
 from perceptio.eval.metrics import MMBenchRecord, RelativeDepthMeter, SegmentationMeter, score_mmbench
 from perceptio.models.build import load_model
@@ -421,7 +422,7 @@ def _run_eval(
     return _finish(settings, samples, out) if rank == 0 else {}
 
 
-class IncompleteEvaluationError(RuntimeError):
+class IncompleteEvaluationError(UserError, RuntimeError):
     """Some samples have no prediction line (a rank failed); ``--resume`` completes them."""
 
 

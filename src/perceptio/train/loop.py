@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from perceptio.config import config_to_dict, write_run_record
 from perceptio.data.errors import BadItemReport
 from perceptio.data.mixture import MixtureSampler
+from perceptio.errors import UserError
 from perceptio.losses import IGNORE_INDEX
 from perceptio.models.build import BUILD_OPTIONS, build_preset, from_components, load_model, save_model
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
@@ -88,7 +89,7 @@ _RUN_OUTPUTS = (
 )
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss (or the gradient norm) became NaN or infinite; the weights were not updated with it."""
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perceptio.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -48,7 +50,7 @@ _BEING_WRITTEN_S = 10.0
 _SETTLE_S = 2.0
 
 
-class RunFolderLockedError(RuntimeError):
+class RunFolderLockedError(UserError, RuntimeError):
     """Another process (or thread) is writing into the run folder.
 
     Attributes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perceptio.errors import UserError
+
 __all__ = [
     "CorruptWeightsError",
     "check_safetensors_file",
@@ -14,7 +16,7 @@ __all__ = [
 ]
 
 
-class CorruptWeightsError(ValueError):
+class CorruptWeightsError(UserError, ValueError):
     """A weights file that cannot be read: empty, cut short (an interrupted copy or save), or not safetensors.
 
     Attributes:

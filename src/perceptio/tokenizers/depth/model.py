@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceptio.errors import UserError
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.normalize import DepthInputError, Quantity, normalize_depth, resize_nearest
 from perceptio.tokenizers.depth.quantizer import EMAQuantizer
@@ -38,7 +39,7 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "perceptio_depth_tokenizer"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint whose weights do not fit its (or the requested) configuration."""
 
 

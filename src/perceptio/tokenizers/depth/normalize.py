@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from perceptio.data.schema import depth_values_problem
+from perceptio.errors import UserError
 
 __all__ = ["DepthInputError", "DepthStats", "denormalize_depth", "normalize_depth", "resize_nearest"]
 
 Quantity = Literal["depth", "inverse_depth"]
 
 
-class DepthInputError(ValueError):
+class DepthInputError(UserError, ValueError):
     """A depth map the tokenizer cannot take (non-finite values, constant, wrong shape or dtype)."""
 
 
