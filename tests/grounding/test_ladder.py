@@ -87,6 +87,10 @@ def test_cli_runs_tabulates_and_reuses_jobs(world_dir: Path, tmp_path: Path) -> 
         ("L2", "center"),
     }
     assert [c["step"] for c in summary["jobs"][0]["curve"]] == [0, 2, 4]
+    from PIL import Image
+
+    with Image.open(out / "results.png") as plot:  # accuracy against steps, drawn by matplotlib
+        assert plot.width > 300 and plot.height > 200
     again = CliRunner().invoke(app, args)
     assert again.output.count("finished earlier") == 4
     changed = CliRunner().invoke(app, [*args[:-2], "--jobs", "1", "--lr", "0.01"])

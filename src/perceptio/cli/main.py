@@ -667,6 +667,31 @@ experiment_app = typer.Typer(help="Controlled experiments on the synthetic world
 app.add_typer(experiment_app, name="experiment")
 
 
+@app.command()
+def demo(
+    model: Annotated[
+        Path | None, typer.Option(help="A model folder; default: the tiny Perceptio model shipped with the package.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to serve on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: Gradio's, from 7860).")] = None,
+    hardblink: Annotated[
+        Path | None, typer.Option(help="A HardBLINK folder: a few of its questions become examples.")
+    ] = None,
+) -> None:
+    """A web page that shows what the model sees: the answer, the masks on the image, the decoded depth map with
+    the marker letters, the generated sequence and its depth-span grid, and the latency."""
+    try:
+        import gradio  # noqa: F401 - only to say how to install it
+    except ImportError:
+        _fail("the demo needs gradio: pip install 'perceptio[demo]' (or make browser)")
+    from perceptio.demo.app import launch
+
+    if model is not None and not (model / "config.json").is_file():
+        _fail(f"{model}: not a model folder (no config.json); give a perceptio train model/ folder")
+    typer.echo(f"serving on http://{host}:{port or 7860} (Ctrl+C stops)", err=True)
+    launch(model, host=host, port=port, hardblink=hardblink)
+
+
 @experiment_app.command("spatial-cot")
 def experiment_spatial_cot(
     out: Annotated[Path, typer.Option(help="Experiment folder (reused and resumed when it exists).")],

@@ -48,6 +48,7 @@ __all__ = [
     "GroundingConfig",
     "LadderItem",
     "level_items",
+    "plot_curves",
     "results_table",
     "run_grounding",
     "swap_spans",
@@ -685,7 +686,54 @@ def run_grounding(config: GroundingConfig, *, echo: Callable[[str], None] = prin
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, "jobs": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, config) + "\n")
+    plot_curves(results, config).save(out / "results.png")
     return summary
+
+
+def plot_curves(results: Sequence[dict[str, Any]], config: GroundingConfig):  # noqa: ANN201 - PIL.Image.Image
+    """Accuracy (L6: cIoU) against steps, one panel per level, one line per arm (mean over seeds), the answer prior
+    dashed."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from perceptio.utils.viz import LINE_COLORS
+
+    levels = [level for level in config.levels if any(r["level"] == level for r in results)]
+    columns = min(3, max(1, len(levels)))
+    rows = -(-max(1, len(levels)) // columns)
+    figure = Figure(figsize=(3.6 * columns, 2.8 * rows + 0.5), dpi=100)
+    handles: dict[str, Any] = {}
+    for k, level in enumerate(levels):
+        axes = figure.add_subplot(rows, columns, k + 1)
+        axes.set_title(f"{level} {LEVELS[level]}"[:48], fontsize=8, loc="left")
+        axes.set_xlabel("step", fontsize=8)
+        axes.set_ylim(0, 100)
+        axes.tick_params(labelsize=7)
+        axes.grid(True, color="#e6e6e6", linewidth=0.8)
+        for j, arm in enumerate(config.arms):
+            group = [r for r in results if r["level"] == level and r["arm"] == arm]
+            if not group:
+                continue
+            steps = sorted({p["step"] for r in group for p in r["curve"]})
+            means = [np.mean([100 * p["accuracy"] for r in group for p in r["curve"] if p["step"] == s]) for s in steps]
+            color = tuple(c / 255 for c in LINE_COLORS[j % len(LINE_COLORS)])
+            (handles[arm],) = axes.plot(steps, means, color=color, linewidth=1.8, label=arm)
+        prior = next((r["prior"] for r in results if r["level"] == level), None)
+        if prior is not None:
+            handles["answer prior"] = axes.axhline(100 * prior, color="#777777", linestyle="--", linewidth=1)
+        if k % columns == 0:
+            axes.set_ylabel("accuracy (%; L6: cIoU)", fontsize=8)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncols=len(handles), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08 / rows, 1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 def results_table(results: Sequence[dict[str, Any]], config: GroundingConfig) -> str:

@@ -8,6 +8,7 @@ greedy generation, then masks and depth at the original image size) and export (
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,8 @@ class Prediction:
         text: the raw generated text, special tokens kept.
         token_ids: the generated ids (up to the end of the turn).
         issues: malformed parts of the generation, in words (empty when well-formed).
+        seconds: wall time of its batch, by phase: ``generation`` (greedy decoding) and ``decoding`` (the masks
+            from the segmentation tokens and the depth map from the span).
     """
 
     answer: str
@@ -165,6 +168,7 @@ class Prediction:
     text: str
     token_ids: list[int]
     issues: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -658,6 +662,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 )
             )
         tokenizer = processor.text_tokenizer
+        began = time.perf_counter()
         sequences = self.vlm.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -670,6 +675,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             pad_token_id=tokenizer.pad_token_id,
         )
         generated = sequences[:, prompt_length:]
+        generation_seconds = time.perf_counter() - began
+        began = time.perf_counter()
         lengths = []
         for row in generated.tolist():  # up to (not including) the end of the turn
             lengths.append(row.index(processor.turn_end_id) if processor.turn_end_id in row else len(row))
@@ -718,4 +725,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                     issues=parse.issues,
                 )
             )
+        phases = {"generation": generation_seconds, "decoding": time.perf_counter() - began}
+        for prediction in predictions:
+            prediction.seconds = dict(phases)
         return predictions

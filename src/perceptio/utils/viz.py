@@ -1,4 +1,5 @@
-"""Small drawing helpers shared by `perceptio data show`, prediction outputs and reports (PIL + numpy only)."""
+"""Small drawing helpers shared by `perceptio data show`, prediction outputs and reports: colour maps, overlays and
+text panels with PIL; charts with matplotlib."""
 
 from __future__ import annotations
 
@@ -110,62 +111,51 @@ def line_chart(
     *,
     title: str = "",
     x_label: str = "step",
+    y_label: str = "",
     log_y: bool = False,
     size: tuple[int, int] = (640, 360),
 ) -> Image.Image:
-    """A line chart of named (x, y) series with axes, ticks and a legend (PIL only; no plotting library).
+    """A line chart of named (x, y) series with axes, grid and a legend, drawn by matplotlib (Agg, no display).
 
-    Non-finite points are left out; with ``log_y`` so are non-positive ones.
+    Non-finite points are left out; with ``log_y`` so are non-positive ones. Series are drawn in
+    :data:`LINE_COLORS` order.
     """
-    width, height = size
-    left, right, top, bottom = 56, 170, 28, 40
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=11)
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
     clean = {
-        name: [(x, y) for x, y in points if np.isfinite(y) and np.isfinite(x) and (y > 0 or not log_y)]
+        name: sorted((x, y) for x, y in points if np.isfinite(y) and np.isfinite(x) and (y > 0 or not log_y))
         for name, points in series.items()
     }
-    clean = {name: points for name, points in clean.items() if points}
-    draw.text((left, 8), title, fill=(0, 0, 0), font=font)
-    if not clean:
-        draw.text((left, height // 2), "no data", fill=(120, 120, 120), font=font)
-        return image
-    xs = [x for points in clean.values() for x, _ in points]
-    ys = [np.log10(y) if log_y else y for points in clean.values() for _, y in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        yy = np.log10(y) if log_y else y
-        return (
-            left + (x - x0) / (x1 - x0) * (width - left - right),
-            height - bottom - (yy - y0) / (y1 - y0) * (height - top - bottom),
-        )
-
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    for k in range(5):  # ticks
-        fx, fy = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
-        px = left + k * (width - left - right) / 4
-        py = height - bottom - k * (height - top - bottom) / 4
-        draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
-        draw.text((px - 12, height - bottom + 6), f"{fx:.0f}", fill=(0, 0, 0), font=font)
-        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
-        label = f"{10**fy:.3g}" if log_y else f"{fy:.3g}"
-        draw.text((4, py - 6), label, fill=(0, 0, 0), font=font)
-        draw.line([left + 1, py, width - right - 1, py], fill=(235, 235, 235))
-    draw.text(((width - right + left) // 2 - 10, height - 16), x_label, fill=(0, 0, 0), font=font)
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    axes = figure.add_subplot()
+    axes.set_title(title, fontsize=10, loc="left")
+    axes.set_xlabel(x_label, fontsize=9)
+    if y_label:
+        axes.set_ylabel(y_label, fontsize=9)
+    axes.tick_params(labelsize=8)
+    axes.grid(True, color="#e6e6e6", linewidth=0.8)
+    drawn = 0
     for k, (name, points) in enumerate(clean.items()):
-        color = LINE_COLORS[k % len(LINE_COLORS)]
-        pixels = [to_px(x, y) for x, y in sorted(points)]
-        if len(pixels) == 1:
-            px, py = pixels[0]
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-        else:
-            draw.line(pixels, fill=color, width=2)
-        ly = top + 4 + 16 * k
-        draw.line([width - right + 8, ly + 6, width - right + 24, ly + 6], fill=color, width=2)
-        draw.text((width - right + 28, ly), name, fill=(0, 0, 0), font=font)
-    return image
+        if not points:
+            continue
+        color = tuple(c / 255 for c in LINE_COLORS[k % len(LINE_COLORS)])
+        xs, ys = zip(*points, strict=True)
+        axes.plot(xs, ys, color=color, linewidth=2, marker="o" if len(points) == 1 else None, label=name)
+        drawn += 1
+    if log_y and drawn:
+        axes.set_yscale("log")
+    if drawn:
+        axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        axes.text(0.5, 0.5, "no data", transform=axes.transAxes, ha="center", color="#787878")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
