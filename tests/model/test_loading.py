@@ -83,5 +83,5 @@ def test_components_in_bfloat16_run_a_forward(checkpoints: dict[str, Path]) -> N
 def test_build_preset() -> None:
     model, processor = build_preset("tiny")
     assert model.config.token_ids["seg"] == processor.text_tokenizer.convert_tokens_to_ids("[SEG]")
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(ValueError, match="the presets are"):
         build_preset("huge")
