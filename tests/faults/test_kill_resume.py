@@ -112,3 +112,33 @@ def test_training_killed_at_random_resumes_to_the_same_losses_and_weights(world_
         got = load_file(str(out / "model" / "model.safetensors"))
         assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got), seed
     assert killed_any, "every run finished before its kill: the test did not test a kill"
+
+
+def test_quickstart_killed_at_random_finishes_with_the_same_results(tmp_path: Path) -> None:
+    """A shortened quickstart killed at two random moments (any stage), then run again: it reuses what finished,
+    redoes or resumes the rest, and ends with the uninterrupted run's metrics."""
+    recipe = str(TINY)
+    short = [
+        "--recipe", recipe, "--num-images", "40", "--tokenizer-steps", "20", "--segmenter-steps", "20",
+        "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "20", "run.checkpoint_every=2", "run.log_every=1",
+        "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4", "run.steps=12",
+    ]  # fmt: skip
+
+    def summary(out: Path) -> dict:
+        metrics = json.loads((out / "eval" / "summary.json").read_text())
+        return {k: v for k, v in metrics.items() if "second" not in k}
+
+    straight = tmp_path / "straight"
+    began = time.time()
+    _run(_perceptio("quickstart", "--out", str(straight), *short))
+    duration = time.time() - began
+    killed_any = False
+    for seed in SEEDS[:2]:
+        out = tmp_path / f"killed{seed}"
+        command = _perceptio("quickstart", "--out", str(out), *short)
+        killed_any |= _kill_at_random(command, lambda out=out: (out / "stages.json").is_file(), seed, duration)
+        _run(command)
+        assert summary(out) == summary(straight), seed
+        stages = json.loads((out / "stages.json").read_text())
+        assert all(stage["status"] == "done" for stage in stages.values()), stages
+    assert killed_any, "every run finished before its kill: the test did not test a kill"

@@ -86,7 +86,11 @@ memory); every model here works at a few hundred pixels, so downscale such image
 
 
 def load_rgb(
-    source: str | Path | bytes, *, name: str | None = None, expected_size: tuple[int, int] | None = None
+    source: str | Path | bytes,
+    *,
+    name: str | None = None,
+    expected_size: tuple[int, int] | None = None,
+    max_side: int | None = None,
 ) -> Image.Image:
     """Decode an image file or bytes into an RGB image, with errors that name the file.
 
@@ -94,6 +98,9 @@ def load_rgb(
         source: a path, or the encoded bytes of an image.
         name: how to name the image in errors (defaults to the path).
         expected_size: ``(width, height)`` the annotation claims; a mismatch raises.
+        max_side: return the image shrunk to fit in ``max_side`` x ``max_side`` (aspect kept). A JPEG is then
+            decoded at a reduced scale (1/2 to 1/8) to begin with, which costs a fraction of the time and memory
+            of a full decode and lets a JPEG over the pixel limit through when its reduced size is within it.
 
     Returns:
         The decoded image in mode RGB.
@@ -101,6 +108,8 @@ def load_rgb(
     label = name or (str(source) if not isinstance(source, bytes) else "<image bytes>")
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if max_side is not None and max(image.size) > max_side and image.format == "JPEG":
+            image.draft("RGB", (max_side, max_side))  # the cheap path: the decoder skips the detail
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise DataError(
                 f"image is {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}",
@@ -121,6 +130,8 @@ def load_rgb(
             fix="re-download or re-encode the file; it is truncated or not an image",
         ) from None
     rgb = as_rgb(image, name=label)
+    if max_side is not None and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side))
     if expected_size is not None and rgb.size != tuple(expected_size):
         raise DataError(
             f"image is {rgb.size[0]}x{rgb.size[1]} but its annotation says {expected_size[0]}x{expected_size[1]} (WxH)",

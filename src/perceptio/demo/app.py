@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from perceptio.data.errors import DataError
 from perceptio.data.schema import Point, load_rgb
@@ -108,15 +109,18 @@ class DemoModel:
         if not (prompt or "").strip():
             return {**empty, "status": "Type a prompt (a question, or e.g. 'Please segment the red cube.')."}
         try:
-            image = load_rgb(image_path, name=Path(image_path).name)
+            with Image.open(image_path) as header:  # the size only: nothing is decoded yet
+                original = header.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            original = None
+        try:  # large images shrink while decoding (cheap for JPEG)
+            image = load_rgb(image_path, name=Path(image_path).name, max_side=self.max_side)
         except DataError as err:
             return {**empty, "status": f"This file cannot be used: {err.problem}. {err.fix or ''}".strip()}
         notes = []
         points = self._points.get(_digest(image_path), ())
-        if max(image.size) > self.max_side:
-            original = image.size
-            scale = self.max_side / max(original)
-            image = image.resize((max(1, round(original[0] * scale)), max(1, round(original[1] * scale))))
+        if original is not None and image.size != original:
+            scale = image.size[0] / original[0]
             points = tuple(Point(p.label, p.x * scale, p.y * scale) for p in points)
             notes.append(f"The image ({original[0]}x{original[1]}) was resized to {image.size[0]}x{image.size[1]}.")
         if SPATIAL_TOKEN_PATTERN.search(prompt) or any(marker in prompt for marker in _CHAT_MARKERS):
