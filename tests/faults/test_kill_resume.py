@@ -114,31 +114,52 @@ def test_training_killed_at_random_resumes_to_the_same_losses_and_weights(world_
     assert killed_any, "every run finished before its kill: the test did not test a kill"
 
 
-def test_quickstart_killed_at_random_finishes_with_the_same_results(tmp_path: Path) -> None:
-    """A shortened quickstart killed at two random moments (any stage), then run again: it reuses what finished,
-    redoes or resumes the rest, and ends with the uninterrupted run's metrics."""
-    recipe = str(TINY)
+def _stage_status(out: Path, stage: str) -> str | None:
+    try:
+        return json.loads((out / "stages.json").read_text()).get(stage, {}).get("status")
+    except (OSError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed: int, tmp_path: Path) -> None:
+    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, baseline, tokenizer, segmenter,
+    training, evaluation; at a random moment of each), restarted after every kill: the finished run reports the
+    uninterrupted run's metrics, and every stage ends done."""
     short = [
-        "--recipe", recipe, "--num-images", "40", "--tokenizer-steps", "20", "--segmenter-steps", "20",
+        "--recipe", str(TINY), "--num-images", "40", "--tokenizer-steps", "20", "--segmenter-steps", "20",
         "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "20", "run.checkpoint_every=2", "run.log_every=1",
         "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4", "run.steps=12",
     ]  # fmt: skip
 
-    def summary(out: Path) -> dict:
-        metrics = json.loads((out / "eval" / "summary.json").read_text())
+    def summary(out: Path) -> dict[str, object]:
+        def flat(value: object, prefix: str = "") -> dict[str, object]:
+            if isinstance(value, dict):
+                return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+            return {prefix.rstrip("."): value}
+
+        metrics = flat(json.loads((out / "eval" / "summary.json").read_text()))
         return {k: v for k, v in metrics.items() if "second" not in k}
 
     straight = tmp_path / "straight"
-    began = time.time()
     _run(_perceptio("quickstart", "--out", str(straight), *short))
-    duration = time.time() - began
-    killed_any = False
-    for seed in SEEDS[:2]:
-        out = tmp_path / f"killed{seed}"
-        command = _perceptio("quickstart", "--out", str(out), *short)
-        killed_any |= _kill_at_random(command, lambda out=out: (out / "stages.json").is_file(), seed, duration)
-        _run(command)
-        assert summary(out) == summary(straight), seed
-        stages = json.loads((out / "stages.json").read_text())
-        assert all(stage["status"] == "done" for stage in stages.values()), stages
-    assert killed_any, "every run finished before its kill: the test did not test a kill"
+    out = tmp_path / "killed"
+    command = _perceptio("quickstart", "--out", str(out), *short)
+    killed = []
+    for k, stage in enumerate(("world", "baseline", "tokenizer", "segmenter", "train", "eval")):
+        if _kill_at_random(command, lambda stage=stage: _stage_status(out, stage) == "running", seed * 10 + k, 2.0):
+            killed.append(stage)
+    _run(command)
+    got, expected = summary(out), summary(straight)
+    assert got.keys() == expected.keys()
+    # counts and texts equal; real numbers up to float32 rounding: after a kill inside the evaluation stage the
+    # resumed process computes some maps in another order of operations (seen: depth AbsRel 1.9674684434631722 vs
+    # ...36973395, and the ~2e-7 soft-merging depth loss of the image-use table in its 7th digit)
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
+        else:
+            assert got[key] == value, key
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(stage["status"] == "done" for stage in stages.values()), stages
+    assert len(killed) >= 3, f"only {killed} were killed while running: the stages finished too fast to test"

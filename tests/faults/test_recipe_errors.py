@@ -88,3 +88,20 @@ def test_every_expected_failure_is_a_user_error_the_script_prints_in_one_line(
         cli.main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: a.png: image cannot be decoded. Fix: re-encode it"
+
+
+def test_a_recipe_whose_folders_do_not_exist_says_how_to_make_them(tmp_path: Path) -> None:
+    """configs/tiny_synth.yaml names the quickstart's world and tokenizer; without them the run stops at once,
+    before building the model, with the command that makes each one."""
+    missing = tmp_path / "no_world"
+    args = ["train", "--config", str(TINY), f"data.root={missing}", f"run.out_dir={tmp_path / 'run'}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"perceptio data synth --out {missing}" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_version_flag() -> None:
+    from perceptio import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == __version__

@@ -111,8 +111,19 @@ def print_world_summary(summary) -> None:  # noqa: ANN001 - WorldSummary, import
         )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -153,7 +164,9 @@ def data_synth(
 @data_app.command("show")
 def data_show(
     world: Annotated[Path, typer.Argument(help="A folder written by `perceptio data synth`.")],
-    out: Annotated[Path, typer.Option(help="Where to write the PNG contact sheet.")] = Path("grid.png"),
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the PNG contact sheet (default: WORLD/grid.png).")
+    ] = None,
     n: Annotated[int, typer.Option(min=1, help="Number of scenes to show.")] = 16,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "val",
 ) -> None:
@@ -165,6 +178,7 @@ def data_show(
         sheet = contact_sheet(world, n=n, split=split)
     except DataError as err:
         _fail(str(err))
+    out = out if out is not None else world / "grid.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     typer.echo(f"wrote {out} ({sheet.width}x{sheet.height})")
@@ -466,7 +480,9 @@ def predict(
     ] = True,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
-    """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each."""
+    """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each.
+
+    Give either --image (one or more) with --prompt, or --jsonl with one image and prompt per line."""
     from tqdm.auto import tqdm
 
     from perceptio.data.errors import DataError

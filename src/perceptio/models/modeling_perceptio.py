@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import InternVLForConditionalGeneration, LogitsProcessorList, PreTrainedModel, Sam2Model
+from transformers.utils import logging as hf_logging
 
 from perceptio.losses import (
     depth_count_loss,
@@ -393,7 +394,14 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         """Add the perception tokens to ``text_tokenizer``, resize the embeddings, and record the ids in the config."""
         ids = register_tokens(text_tokenizer, self.config.vocab)
         if len(text_tokenizer) > self.vlm.get_input_embeddings().num_embeddings:
-            self.vlm.resize_token_embeddings(len(text_tokenizer), pad_to_multiple_of=8)
+            # transformers initialises the new rows from the old rows' mean and covariance (the right start for
+            # new tokens) and announces it on every call, loads included; the notice is dropped, not the method
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                self.vlm.resize_token_embeddings(len(text_tokenizer), pad_to_multiple_of=8)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         self.config.token_ids = ids.to_dict()
         return ids
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from perceptio.config import config_to_dict, write_run_record
+from perceptio.config import ConfigError, config_to_dict, write_run_record
 from perceptio.data.errors import BadItemReport
 from perceptio.data.mixture import MixtureSampler
 from perceptio.errors import UserError
@@ -281,6 +281,7 @@ def _train(
     if run.distributed == "fsdp" and "lora" in (config.trainable.default, *config.trainable.rules.values()):
         raise ValueError("run.distributed=fsdp is for full fine-tuning; LoRA runs fit with ddp (the default)")
 
+    _check_inputs(config)  # before the model is built: a missing folder should not cost a model build first
     torch.manual_seed(config.model.seed)
     model, processor = build_model(config.model)
     report = BadItemReport() if config.data.skip_bad else None
@@ -482,6 +483,30 @@ def _train(
     if ctx.active:
         dist.barrier()
     return TrainResult(out_dir, model_dir, run.steps, start, last_log, last_eval)
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """Refuse at once, with the command that makes it, a data root or model folder of the recipe that is missing
+    (``configs/tiny_synth.yaml`` names the quickstart's world, tokenizer and SAM2)."""
+    makers = {
+        "data.root": (config.data.root, "perceptio data synth --out {path}"),
+        "model.depth_tokenizer": (
+            config.model.depth_tokenizer if config.model.vlm is None else None,
+            "perceptio tokenizer train --data WORLD --out {path}",
+        ),
+        "model.segmenter_weights": (
+            config.model.segmenter_weights,
+            "perceptio segmenter pretrain --data WORLD --out {path}",
+        ),
+        "model.init": (config.model.init, "perceptio train (its model/ folder) or perceptio pretrain"),
+    }
+    for key, (path, command) in makers.items():
+        if path is not None and not Path(path).exists():
+            raise ConfigError(
+                f"{key}: {path} does not exist; make it with `{command.format(path=path)}` (make quickstart makes the "
+                f"quickstart's world, tokenizer and SAM2 under runs/quickstart), or set {key} in the recipe or as an "
+                "override"
+            )
 
 
 def _stop_non_finite(out_dir: Path, step: int, ctx: _Dist, what: str) -> None:
