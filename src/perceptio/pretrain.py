@@ -148,10 +148,10 @@ def _world_line(config: PretrainConfig, world: Path) -> str:
 
 
 def _image_use(recipe, base: Path) -> dict[str, dict[str, Any]]:  # noqa: ANN001 - TrainConfig
-    """The exported base's image-use gap on the recipe's eval datasets (see perceptio.eval.image_use)."""
-    from perceptio.eval.image_use import image_use_gap
+    """The exported base's image-use gap on the recipe's eval datasets (see perceptio.train.image_use)."""
     from perceptio.models import load_model
     from perceptio.train.data import TrainingData
+    from perceptio.train.image_use import image_use_gap
 
     if not recipe.eval.datasets:
         return {}

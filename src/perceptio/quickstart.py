@@ -492,9 +492,9 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
 
 
 def _image_use(config: QuickstartConfig, paths: dict[str, Path], model_and_processor: tuple) -> dict[str, Any]:
-    """The image-use gap of every task of the recipe's eval datasets (val split; see perceptio.eval.image_use)."""
-    from perceptio.eval.image_use import image_use_gap
+    """The image-use gap of every task of the recipe's eval datasets (val split; see perceptio.train.image_use)."""
     from perceptio.train.data import TrainingData
+    from perceptio.train.image_use import image_use_gap
 
     recipe = _recipe(config, paths)
     model, processor = model_and_processor

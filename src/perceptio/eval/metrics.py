@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from perceptio.data.readers.mmbench import CIRCULAR_OFFSET
+from perceptio.data.formats import CIRCULAR_OFFSET
 from perceptio.data.schema import Sample
 
 __all__ = [

@@ -415,6 +415,8 @@ def _train(
         seconds += time.perf_counter() - tick
         done = step + 1
         window["loss"].append(float(sums[0]))
+        if show:  # the bar shows this step's loss; the log line averages the window
+            bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", refresh=False)
         for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
             window[name].append(float(sums[i + 1]))
         if grad_norm is not None:
@@ -441,7 +443,7 @@ def _train(
                     writer.add_scalar("train/lr", lr, done)
                     for k, v in last_log["terms"].items():
                         writer.add_scalar(f"terms/{k}", v, done)
-                bar.set_postfix(loss=f"{last_log['loss']:.3f}", lr=f"{lr:.1e}", sps=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", sps=f"{rate:.1f}")
             window.clear()
             task_window.clear()
             drawn.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from perceptio.data.errors import BadItemReport, DataError, handle
+from perceptio.data.formats import option_letters
 from perceptio.data.schema import Sample
 
 __all__ = [
@@ -178,11 +179,6 @@ def to_int(value: Any, *, what: str, path: Path | str, line: int | None = None, 
     raise DataError(
         f"{what} is {value!r}, not an integer", path=path, line=line, item=item, fix=f"write {what} as an integer"
     )
-
-
-def option_letters(count: int) -> tuple[str, ...]:
-    """The first ``count`` option letters: ``option_letters(3) == ("A", "B", "C")``."""
-    return tuple(chr(ord("A") + i) for i in range(count))
 
 
 def parse_letter(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from perceptio.data.errors import BadItemReport, DataError, handle
+from perceptio.data.formats import CIRCULAR_OFFSET
 from perceptio.data.readers._common import (
     build_samples,
     check_skip_args,
@@ -35,8 +36,6 @@ from perceptio.data.schema import ImageRef, Sample, Task
 
 __all__ = ["CIRCULAR_OFFSET", "read_mmbench"]
 
-#: Index offset between CircularEval passes of one question.
-CIRCULAR_OFFSET = 1_000_000
 # Strings at most this long in the image column are index references, not base64 (VLMEvalKit's rule).
 _MAX_REFERENCE_CHARS = 64
 _LETTER_COLUMN_RE = re.compile(r"[A-Z]")

@@ -36,8 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from perceptio.data.readers._common import option_letters
-from perceptio.data.readers.mmbench import CIRCULAR_OFFSET  # copy k of question g has index g + k * 1e6
+from perceptio.data.formats import CIRCULAR_OFFSET, option_letters
 from perceptio.data.schema import DEPTH_CONVENTIONS
 from perceptio.data.synthetic.render import Rendering, render_scene
 from perceptio.data.synthetic.scene import SHAPES, Scene, SceneConfig, sample_scene
