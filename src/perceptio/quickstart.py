@@ -506,15 +506,13 @@ def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[
     """What the model is measured against: the point-prompted pretrained SAM2 on the same expressions, the
     majority answer per point count, the VQA answer prior per category (share of its most common answer), and the
     mean training depth map."""
-    from transformers import Sam2Model
-
     from perceptio.eval.extract import normalize_answer
+    from perceptio.models.sam2 import load_sam2
     from perceptio.tokenizers.depth.evaluate import depth_metrics
     from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
     from perceptio.train.segmenter import load_objects, point_prompt_ciou
 
-    sam = Sam2Model.from_pretrained(paths["segmenter"])
-    sam.mask_decoder.dynamic_multimask_via_stability = False
+    sam = load_sam2(paths["segmenter"])
     size = sam.config.prompt_encoder_config.image_size
     point = point_prompt_ciou(sam, load_objects(samples["refcoco"], size, distinct=False))
 

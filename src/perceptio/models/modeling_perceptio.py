@@ -33,6 +33,7 @@ from perceptio.losses import (
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.models.generation import DepthSpanLogitsProcessor, parse_generated
 from perceptio.models.processing import PerceptioProcessor
+from perceptio.models.sam2 import load_sam2, without_stability_swap
 from perceptio.tokenizers.depth.model import CheckpointMismatchError, DepthTokenizer
 from perceptio.utils.weights_files import check_safetensors_folder
 from perceptio.vocab import TokenIds, register_tokens
@@ -220,9 +221,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         super().__init__(config)
         self.vlm = vlm if vlm is not None else InternVLForConditionalGeneration(config.vlm_config)
         self.segmenter = segmenter if segmenter is not None else Sam2Model(config.segmenter_config)
-        # SAM2's stability-based swap between mask tokens would read outputs the chosen mode does not train.
-        config.segmenter_config.mask_decoder_config.dynamic_multimask_via_stability = False
-        self.segmenter.mask_decoder.dynamic_multimask_via_stability = False
+        config.segmenter_config.mask_decoder_config.dynamic_multimask_via_stability = False  # see models.sam2
+        without_stability_swap(self.segmenter)
         width = config.vlm_config.text_config.hidden_size
         hidden = config.seg_hidden_dim or width
         self.seg_projection = nn.Sequential(
@@ -422,7 +422,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
     def load_segmenter(self, directory: str | Path) -> None:
         """Load pretrained SAM2 weights (a ``Sam2Model.save_pretrained`` folder, safetensors) into the segmenter;
         the checkpoint's architecture must equal the model's."""
-        pretrained = Sam2Model.from_pretrained(directory, use_safetensors=True)
+        pretrained = load_sam2(directory)
         mine, theirs = self.segmenter.state_dict(), pretrained.state_dict()
         wrong = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
         if wrong or set(theirs) - set(mine):
@@ -432,7 +432,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 "model's segmenter config"
             )
         self.segmenter.load_state_dict(theirs)
-        self.segmenter.mask_decoder.dynamic_multimask_via_stability = False
+        without_stability_swap(self.segmenter)
         self.freeze_frozen_parts()
 
     # ------------------------------------------------------------------------------------------- segmentation

@@ -26,6 +26,7 @@ from perceptio.data.schema import Sample
 from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
+from perceptio.models.sam2 import without_stability_swap
 from perceptio.utils.weights_files import with_user_umask
 
 __all__ = [
@@ -141,8 +142,7 @@ def pretrain_segmenter(
     """Train a SAM2 of ``sam_config`` from random weights on ``objects``; save it (``save_pretrained``) to
     ``out_dir``."""
     torch.manual_seed(config.seed)
-    sam = Sam2Model(sam_config)
-    sam.mask_decoder.dynamic_multimask_via_stability = False
+    sam = without_stability_swap(Sam2Model(sam_config))
     optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     out_dir = Path(out_dir)
