@@ -118,7 +118,7 @@ class DemoModel:
         except DataError as err:
             return {**empty, "status": f"This file cannot be used: {err.problem}. {err.fix or ''}".strip()}
         notes = []
-        points = self._points.get(_digest(image_path), ())
+        points = self._points.get(_digest(image_path), ()) if self._points else ()  # only examples have points
         if original is not None and image.size != original:
             scale = image.size[0] / original[0]
             points = tuple(Point(p.label, p.x * scale, p.y * scale) for p in points)

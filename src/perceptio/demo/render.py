@@ -4,7 +4,6 @@ the generated sequence with its spatial tokens made readable."""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,8 +86,3 @@ def readable_sequence(text: str, vocab: PerceptionVocab) -> str:
         out.append(f"⟨depth span: {count} codes, not closed⟩")
     out.append(text[position:])
     return "".join(out)
-
-
-def escape(text: str) -> str:
-    """``text`` for an HTML page."""
-    return html.escape(text)

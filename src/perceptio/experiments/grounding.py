@@ -139,24 +139,21 @@ class GroundingConfig:
             from perceptio.weights import shipped
 
             object.__setattr__(self, "base", shipped("tiny-base"))  # FileNotFoundError says how to make one
-        if "L6" in self.levels:
+        # level -> (its input field, what it reads of the world, what the input is, the command that makes it)
+        inputs = {
+            "L5": ("tokenizer", "relative-depth questions", "a trained depth tokenizer", "perceptio tokenizer train"),
+            "L6": ("segmenter", "referring expressions", "a pretrained SAM2", "perceptio segmenter pretrain"),
+        }
+        for level, (name, reads, what, maker) in inputs.items():
+            if level not in self.levels:
+                continue
             if self.world is None:
-                raise ValueError("level L6 reads the world's referring expressions: give --world")
-            if self.segmenter is None:
-                object.__setattr__(self, "segmenter", Path(self.world).parent / "segmenter")
-            if not (Path(self.segmenter) / "config.json").is_file():
+                raise ValueError(f"level {level} reads the world's {reads}: give --world")
+            if getattr(self, name) is None:  # default: the folder of that name next to the world
+                object.__setattr__(self, name, Path(self.world).parent / name)
+            if not (Path(getattr(self, name)) / "config.json").is_file():
                 raise FileNotFoundError(
-                    f"L6 needs a pretrained SAM2 at {self.segmenter} (perceptio segmenter pretrain, or the quickstart)"
-                )
-        if "L5" in self.levels:
-            if self.world is None:
-                raise ValueError("level L5 reads the world's relative-depth questions: give --world")
-            if self.tokenizer is None:
-                object.__setattr__(self, "tokenizer", Path(self.world).parent / "tokenizer")
-            if not (Path(self.tokenizer) / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"L5 needs a trained depth tokenizer at {self.tokenizer} (perceptio tokenizer train, or the "
-                    "quickstart); give --tokenizer"
+                    f"{level} needs {what} at {getattr(self, name)} ({maker}, or the quickstart); give --{name}"
                 )
         if self.world is None and any(level in WORLD_LEVELS for level in self.levels):
             raise ValueError(f"levels {sorted(WORLD_LEVELS)} read the world's VQA: give --world (perceptio data synth)")

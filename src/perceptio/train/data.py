@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from perceptio.data.errors import BadItemReport, DataError
-from perceptio.data.readers import READERS, check_sample, read_depth_folder
+from perceptio.data.readers import READERS, read_depth_folder, usable_samples
 from perceptio.data.schema import Sample, Task
 from perceptio.data.templates import render_sample
 from perceptio.tokenizers.depth.model import DepthTokenizer
@@ -208,19 +208,11 @@ class TrainingData:
     def _leave_out_unusable(self, report: BadItemReport | None, progress: bool) -> None:
         """Decode every sample once (images, masks, depth maps, with the checks of ``perceptio data check``) and
         leave out the bad ones, recorded in ``report``: a long run must not stop at the first bad item it draws."""
-        if report is None:
-            raise ValueError("data.skip_bad needs a BadItemReport to record the skipped items in")
         decoded: dict[str, object] = {}  # each image and depth map is decoded once, however many samples share it
         for name, samples in self.datasets.items():
-            kept = []
-            for sample in tqdm(samples, desc=f"checking {name}", unit="sample", disable=not progress, leave=False):
-                try:
-                    check_sample(sample, decoded=decoded)
-                except DataError as err:
-                    item = f"dataset {name!r}, sample {sample.sample_id}" + (f", {err.item}" if err.item else "")
-                    report.add(DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix))
-                    continue
-                kept.append(sample)
+            kept = usable_samples(
+                samples, skip_bad=True, report=report, progress=progress, decoded=decoded, where=f"dataset {name!r}, "
+            )
             if not kept:
                 raise DataError(
                     f"dataset {name!r}: every sample is unusable ({len(samples)} skipped)",

@@ -34,6 +34,7 @@ __all__ = [
     "read_depth_folder",
     "read_depth_map",
     "read_hardblink",
+    "usable_samples",
     "read_mmbench",
     "read_refer",
 ]
@@ -116,6 +117,40 @@ def _usable_depth_shape(ref: DepthRef) -> tuple[int, int]:
     return depth.values.shape
 
 
+def usable_samples(
+    samples: Iterable[Sample],
+    *,
+    skip_bad: bool = False,
+    report: BadItemReport | None = None,
+    progress: bool = True,
+    decoded: dict[str, Any] | None = None,
+    where: str = "",
+) -> list[Sample]:
+    """The samples that fully decode (see :func:`check_sample`), with a tqdm progress bar when ``progress``.
+
+    A failing sample raises DataError naming ``where`` (e.g. ``"dataset 'vqa', "``), the sample id and the file,
+    or, with ``skip_bad``, is recorded in ``report`` and left out. ``decoded`` (kept across calls) decodes each
+    image and depth map once, however many samples share it.
+    """
+    from tqdm import tqdm  # lazy: only needed for this slow, interactive check
+
+    check_skip_args(skip_bad, report)
+    total = len(samples) if isinstance(samples, Sized) else None
+    decoded = {} if decoded is None else decoded
+    kept = []
+    bar = tqdm(samples, total=total, desc=f"checking {where or 'samples'}", unit="sample", disable=not progress)
+    for sample in bar:
+        try:
+            check_sample(sample, decoded=decoded)
+        except DataError as err:
+            item = f"{where}sample {sample.sample_id}" + (f", {err.item}" if err.item is not None else "")
+            located = DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix)
+            handle(located, skip_bad=skip_bad, report=report)
+            continue
+        kept.append(sample)
+    return kept
+
+
 def check_samples(
     samples: Iterable[Sample],
     *,
@@ -123,25 +158,5 @@ def check_samples(
     report: BadItemReport | None = None,
     progress: bool = True,
 ) -> int:
-    """Fully decode every sample (see :func:`check_sample`), with a tqdm progress bar when ``progress``.
-
-    Returns:
-        The number of samples that passed. A failing sample raises DataError naming the sample id and the
-        file, or, with ``skip_bad``, is recorded in ``report``.
-    """
-    from tqdm import tqdm  # lazy: only needed for this slow, interactive check
-
-    check_skip_args(skip_bad, report)
-    total = len(samples) if isinstance(samples, Sized) else None
-    passed = 0
-    decoded: dict[str, Any] = {}
-    for sample in tqdm(samples, total=total, desc="checking samples", unit="sample", disable=not progress):
-        try:
-            check_sample(sample, decoded=decoded)
-        except DataError as err:
-            item = f"sample {sample.sample_id}" + (f", {err.item}" if err.item is not None else "")
-            located = DataError(err.problem, path=err.path, line=err.line, item=item, fix=err.fix)
-            handle(located, skip_bad=skip_bad, report=report)
-            continue
-        passed += 1
-    return passed
+    """Fully decode every sample (see :func:`usable_samples`); returns the number that passed."""
+    return len(usable_samples(samples, skip_bad=skip_bad, report=report, progress=progress))
