@@ -1,12 +1,25 @@
-"""Generation speed of Perceptio: a 100-code depth span plus a short answer, per query.
+"""Generation speed: the decode loop against transformers' ``generate``, side by side in one run.
 
-Prints, side by side from one run: ms per query and decode tokens/s with the KV cache and without it, and the
-share of decode time spent in the depth-span logits processor (target: under 10 %). The tiny preset is used
-with the `aurora` tokenizer geometry, so the span holds 100 codes as in the paper (random weights); the smol
-preset (SmolLM2-135M) keeps its tiny tokenizer's 64-code span. Every query is made to open with a depth span,
-so each one decodes the full span, plus up to 12 answer tokens.
+For each batch size, the same prompts are decoded greedily under the depth-span grammar by:
 
-    .venv/bin/python bench/generation.py [--preset tiny|smol] [--queries 16] [--batch-size 8]
+- ``generate``: transformers' ``generate(do_sample=False)`` with the span grammar as a logits processor
+  (``perceptio.models.decoding.reference_decode``), what ``predict`` used before the loop;
+- ``loop``: ``perceptio.models.decoding.greedy_decode``, one token per forward;
+- ``loop, span W``: the same with exact parallel decoding of the depth span, W tokens per forward;
+- with ``--compile``, both loops again with ``torch.compile`` of the step (compile time printed apart, not counted).
+
+Printed: ms per query, the speed-up over ``generate``, forwards per query (prefill excluded), and the queries
+decoded to the same tokens as ``generate``. A difference is allowed only at a floating-point tie (the two tokens'
+logits within 1e-5 of the logits' scale, where the order of float operations in a batched, padded or compiled
+forward decides); any other difference stops the run as a bug. Models:
+
+- ``tiny``: the tiny preset with random weights and the paper's 10x10 = 100-code span; every answer opens with
+  the span (forced), then text up to the budget (random weights never end their turn);
+- ``shipped``: the trained ``tiny-perceptio`` on rendered scenes of the synthetic world, with its own prompts: a
+  depth span (8x8), masks and short answers that end their turn, as ``predict`` sees them;
+- ``smol``: the smol preset (SmolLM2-135M language model, random weights), its 64-code span forced first.
+
+    .venv/bin/python bench/generation.py [--model tiny|shipped|smol] [--queries 16] [--window 8] [--compile]
 """
 
 from __future__ import annotations
@@ -18,76 +31,126 @@ import numpy as np
 import torch
 from PIL import Image
 
+PROMPTS = (
+    "What is the depth map for the image?",
+    "Please segment the red cube in this image.",
+    "Estimate the depth of this image.",
+    "Which object is the closest to the camera?",
+)
 
-def build(preset: str, seed: int = 0):  # noqa: ANN201
+
+def build(name: str):  # noqa: ANN201 - (model, processor, images, prompts, require_span)
     from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor, build_preset
 
-    if preset == "smol":  # SmolLM2-135M; its span is the tiny tokenizer's 8x8 = 64 codes
-        model, processor = build_preset("smol", seed=seed)
-        return model.eval(), processor
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(64)]
+    if name == "shipped":
+        from perceptio import Perceptio
+        from perceptio.data.synthetic.world import WorldConfig, render_world_scene
+
+        loaded = Perceptio.from_pretrained("tiny-perceptio", device="cpu")
+        scenes = [Image.fromarray(render_world_scene(0, i, WorldConfig()).rendering.rgb) for i in range(64)]
+        return loaded.model.eval(), loaded.processor, scenes, PROMPTS, False
+    if name == "smol":
+        model, processor = build_preset("smol", seed=0)
+        return model.eval(), processor, noise, PROMPTS[:1], True
     from perceptio.tokenizers.depth import DepthTokenizerConfig
 
     tokenizer = PRESETS["tiny"].text_tokenizer()
     config = PRESETS["tiny"].config(tokenizer)
     config.depth_tokenizer_config = DepthTokenizerConfig.from_preset("aurora").to_dict()  # 10x10 = 100 codes
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = PerceptioForConditionalGeneration(config)
     model.register_text_tokenizer(tokenizer)
-    return model.eval(), PerceptioProcessor.for_config(model.config, tokenizer)
+    return model.eval(), PerceptioProcessor.for_config(model.config, tokenizer), noise, PROMPTS[:1], True
 
 
-def run(model, processor, images, prompts, *, batch_size: int, use_cache: bool) -> tuple[float, int, float]:  # noqa: ANN001
-    """Seconds, generated tokens, and seconds spent inside the logits processor."""
-    from perceptio.models import generation
+def decode_all(mode: dict, model, processor, batches, grammar) -> tuple[float, list]:  # noqa: ANN001
+    """Seconds and the decodings of every batch under one mode."""
+    from perceptio.models.decoding import greedy_decode, reference_decode
 
-    spent = [0.0]
-    original = generation.DepthSpanLogitsProcessor.__call__
+    ends = {"end_id": processor.turn_end_id, "pad_id": processor.text_tokenizer.pad_token_id}
+    budget = model.config.vocab.span_length + 12
+    decoded = []
+    start = time.perf_counter()
+    for batch in batches:
+        inputs = (model.vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], grammar)
+        if mode["kind"] == "generate":
+            decoded.append(reference_decode(*inputs, max_new_tokens=budget, **ends))
+        else:
+            seg_id = model.config.resolved_token_ids.seg
+            options = {"jacobi": mode["window"], "compile": mode["compile"]}
+            decoded.append(greedy_decode(*inputs, max_new_tokens=budget, seg_id=seg_id, **options, **ends))
+    return time.perf_counter() - start, decoded
 
-    def timed(self, input_ids, scores):  # noqa: ANN001, ANN202
-        start = time.perf_counter()
-        out = original(self, input_ids, scores)
-        spent[0] += time.perf_counter() - start
-        return out
 
-    generation.DepthSpanLogitsProcessor.__call__ = timed
-    original_generate = model.vlm.generate
-    model.vlm.generate = lambda **kw: original_generate(**{**kw, "use_cache": use_cache})
-    try:
-        start = time.perf_counter()
-        predictions = model.predict(
-            images, prompts, processor, batch_size=batch_size, require_depth_span=True, max_new_tokens=112
-        )
-        seconds = time.perf_counter() - start
-    finally:
-        generation.DepthSpanLogitsProcessor.__call__ = original
-        model.vlm.generate = original_generate
-    assert all(p.depth_codes is not None and not p.issues for p in predictions), "every query must decode a full span"
-    return seconds, sum(len(p.token_ids) for p in predictions), spent[0]
+def agreement(model, batches, reference: list, decoded: list) -> str:  # noqa: ANN001
+    """Queries decoded as generate does, and where they differ, whether at a floating-point tie."""
+    from perceptio.models.decoding import divergences
+
+    found = []
+    for batch, ref, new in zip(batches, reference, decoded, strict=True):
+        inputs = (model.vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        found += divergences(*inputs, ref, new)
+    real = [d for d in found if not d.is_tie()]
+    if real:
+        raise SystemExit(f"decoded other tokens than generate at a clear logit gap: a bug ({real[0]})")
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    return f"{total - len(found)}/{total}" + (f" ({len(found)} at ties)" if found else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "shipped", "smol"), default="tiny")
     parser.add_argument("--queries", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--preset", choices=("tiny", "smol"), default="tiny")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--window", type=int, default=8, help="tokens per forward of parallel span decoding")
+    parser.add_argument("--compile", action="store_true", help="also time the loop with torch.compile")
     args = parser.parse_args()
 
-    model, processor = build(args.preset)
+    from perceptio.models.generation import SpanGrammar
+
+    model, processor, images, prompts, require_span = build(args.model)
     span = model.config.vocab.span_length
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(args.queries)]
-    prompts = ["What is the depth map for the image? Which point is the closest to the camera?"] * args.queries
-    run(model, processor, images[:2], prompts[:2], batch_size=2, use_cache=True)  # warm-up
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset} preset, {span}-code span")
-    print(f"{'setting':26} {'ms/query':>9} {'tokens/s':>9} {'processor share':>16}")
-    for label, batch, cache in (
-        ("KV cache, batch 1", 1, True),
-        ("no cache, batch 1", 1, False),
-        (f"KV cache, batch {args.batch_size}", args.batch_size, True),
-    ):
-        seconds, tokens, in_processor = run(model, processor, images, prompts, batch_size=batch, use_cache=cache)
-        share = 100 * in_processor / seconds
-        print(f"{label:26} {1000 * seconds / args.queries:9.1f} {tokens / seconds:9.0f} {share:15.1f}%")
+    ids = model.config.resolved_token_ids
+    grammar = SpanGrammar(ids, span, model.vlm.lm_head.out_features, require_span=require_span)
+    queries = [(images[i % len(images)], prompts[i % len(prompts)]) for i in range(args.queries)]
+    modes = [
+        {"label": "generate", "kind": "generate"},
+        {"label": "loop", "kind": "loop", "window": 1, "compile": False},
+        {"label": f"loop, span {args.window}", "kind": "loop", "window": args.window, "compile": False},
+    ]
+    if args.compile:
+        modes += [
+            {"label": "compiled loop", "kind": "loop", "window": 1, "compile": True},
+            {"label": f"compiled loop, span {args.window}", "kind": "loop", "window": args.window, "compile": True},
+        ]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}, {span}-code span, "
+        f"{args.queries} queries, budget span + 12 tokens"
+    )
+    print(f"{'batch':>5} {'mode':28} {'ms/query':>9} {'speed-up':>9} {'forwards/query':>15} {'same tokens':>12}")
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = [
+            processor([im for im, _ in queries[i : i + batch_size]], [p for _, p in queries[i : i + batch_size]])
+            for i in range(0, len(queries), batch_size)
+        ]
+        decode_all(modes[1], model, processor, batches[:1], grammar)  # warm-up
+        reference, reference_seconds = None, 0.0
+        for mode in modes:
+            if mode.get("compile"):
+                began = time.perf_counter()
+                decode_all(mode, model, processor, batches[:1], grammar)  # compiles for this batch shape
+                print(f"{'':5} ({mode['label']}: compiling and a first batch took {time.perf_counter() - began:.1f} s)")
+            seconds, decoded = decode_all(mode, model, processor, batches, grammar)
+            if reference is None:
+                reference, reference_seconds = decoded, seconds
+            same = agreement(model, batches, reference, decoded)
+            forwards = sum(d.forwards * d.tokens.shape[0] for d in decoded) / args.queries
+            print(
+                f"{batch_size:5} {mode['label']:28} {1000 * seconds / args.queries:9.1f} "
+                f"{reference_seconds / seconds:8.2f}x {forwards:15.1f} {same:>12}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,3 +32,33 @@ def test_smol_preset_builds_with_the_pretrained_language_model_and_generates() -
         [image], ["What is the depth map?"], processor, require_depth_span=True, max_new_tokens=80
     )
     assert spatial.issues == [] and spatial.depth_codes.shape == (8, 8)
+
+
+@pytest.mark.slow
+def test_decode_loop_matches_generate_on_the_smol_language_model() -> None:
+    """The pretrained SmolLM2 ends its turns and has peaked logits on text: the loop gives generate's tokens, with
+    and without parallel span decoding, constrained and not. Its depth codes are fresh (random) embedding rows
+    with nearly equal logits, so a forced span may differ, but only at floating-point ties."""
+    from perceptio.models.decoding import divergences, greedy_decode, reference_decode
+    from perceptio.models.generation import SpanGrammar
+
+    model, processor = build_preset("smol")
+    model.eval()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    prompts = ["What is the capital of France? Answer in one word.", "What is the depth map?", "Say hello."]
+    batch = processor(images, prompts)
+    ids = model.config.resolved_token_ids
+    inputs = (model.vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    ends = {"end_id": processor.turn_end_id, "pad_id": processor.text_tokenizer.pad_token_id}
+    for options in ({}, {"grammar": False}, {"require_span": True}):
+        grammar = SpanGrammar(ids, model.config.vocab.span_length, model.vlm.lm_head.out_features, **options)
+        reference = reference_decode(*inputs, grammar, max_new_tokens=24, **ends)
+        for window in (1, 8):
+            loop = greedy_decode(*inputs, grammar, max_new_tokens=24, seg_id=ids.seg, jacobi=window, **ends)
+            found = divergences(*inputs, reference, loop)
+            assert all(d.is_tie() for d in found), (options, window, found)
+            if not options:  # the pretrained model's text answers have clear margins: identical
+                assert found == [] and loop.lengths == reference.lengths
+        if not options:
+            assert min(reference.lengths) < 24  # a turn ended: the end-of-turn path is covered

@@ -478,6 +478,12 @@ def predict(
     spatial_cot: Annotated[
         bool, typer.Option("--spatial-cot/--no-spatial-cot", help="Let the model write spatial tokens.")
     ] = True,
+    span_window: Annotated[
+        int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
+    ] = 8,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
     """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each.
@@ -513,7 +519,12 @@ def predict(
         chunk = pairs[start : start + batch_size]
         try:
             predictions = runner.predict(
-                [p for p, _ in chunk], [q for _, q in chunk], spatial=spatial_cot, batch_size=batch_size
+                [p for p, _ in chunk],
+                [q for _, q in chunk],
+                spatial=spatial_cot,
+                batch_size=batch_size,
+                span_window=span_window,
+                compile=compile,
             )
         except DataError as err:  # the image is named; predictions of earlier batches are already written
             _fail(str(err))
@@ -551,6 +562,12 @@ def evaluate(
     constrain: Annotated[
         bool, typer.Option("--constrain/--no-constrain", help="Constrain the depth-span grammar while decoding.")
     ] = True,
+    span_window: Annotated[
+        int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
+    ] = 8,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), metrics.json and a summary table. Under
@@ -576,6 +593,8 @@ def evaluate(
             resume=resume,
             spatial_cot=spatial_cot,
             constrain=constrain,
+            span_window=span_window,
+            compile=compile,
             device=device,
         )
         metrics = run_eval(settings)

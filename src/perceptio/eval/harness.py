@@ -86,6 +86,9 @@ class EvalSettings:
         resume: keep the samples already in ``predictions.jsonl``.
         spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
         constrain: constrain the depth-span grammar while decoding (the default, so every span is well-formed).
+        span_window: depth-span tokens decoded per forward (exact parallel decoding; 1: one at a time).
+        compile: ``torch.compile`` the decoding step (pays off over long evaluations).
+        device: cpu or cuda (default: cuda when available).
     """
 
     task: str
@@ -100,13 +103,15 @@ class EvalSettings:
     resume: bool = False
     spatial_cot: bool = True
     constrain: bool = True
+    span_window: int = 8
+    compile: bool = False
     device: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError("batch_size and limit must be at least 1")
+        if self.batch_size < 1 or self.span_window < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("batch_size, span_window and limit must be at least 1")
 
 
 def load_task_samples(settings: EvalSettings) -> list[Sample]:
@@ -397,6 +402,8 @@ def _run_eval(
                 constrain=settings.constrain,
                 require_depth_span=require_span,
                 batch_size=settings.batch_size,
+                span_window=settings.span_window,
+                compile=settings.compile,
             )
             for sample, prompt, prediction in zip(chunk, prompts, predictions, strict=True):
                 truth = decoded = None
@@ -465,6 +472,7 @@ def _finish(settings: EvalSettings, samples: list[Sample], out: Path) -> dict[st
             "spatial_cot": settings.spatial_cot,
             "constrained_decoding": settings.constrain,
             "greedy": True,
+            "span_window": settings.span_window,
             "limit": settings.limit,
             "batch_size": settings.batch_size,
         },

@@ -1,10 +1,11 @@
 """Constrained decoding of the depth span (the default: every span well-formed) and a lenient parser of generated ids.
 
-:class:`DepthSpanLogitsProcessor` enforces the grammar while decoding: outside a span, no codes and no end
-marker; after the start marker, exactly N codes, then the end marker; at most one span. It keeps a small state
-per sequence and reads only the newest token at each step, so its cost does not grow with the length.
-``spatial=False`` bans every spatial token (direct answering, for ablations), and ``require_span=True`` makes
-the first generated token the start marker (for tasks whose answer opens with the depth span).
+:class:`SpanGrammar` holds the grammar enforced while decoding: outside a span, no codes and no end marker;
+after the start marker, exactly N codes, then the end marker; at most one span. It is a few precomputed tensors
+(a transition table and one bias row per state), used by the decode loop of :mod:`perceptio.models.decoding`
+and, through :class:`DepthSpanLogitsProcessor`, by transformers' ``generate``. ``spatial=False`` bans every
+spatial token (direct answering, for ablations), and ``require_span=True`` makes the first generated token the
+start marker (for tasks whose answer opens with the depth span).
 
 :func:`parse_generated` turns generated ids into the answer text, the segmentation-token positions and the
 depth codes, recording malformed spans as issues rather than raising, so an evaluation never stops on a bad
@@ -21,23 +22,118 @@ from transformers import LogitsProcessor
 
 from perceptio.vocab import TokenIds
 
-__all__ = ["DepthSpanLogitsProcessor", "ParsedGeneration", "parse_generated"]
+__all__ = ["DepthSpanLogitsProcessor", "ParsedGeneration", "SpanGrammar", "parse_generated"]
+
+
+class SpanGrammar:
+    """The depth-span grammar as precomputed tensors, so that decoding does no per-token Python work.
+
+    A sequence's state is one integer: 0 before any span, ``1 + k`` inside a span after k codes (k = 0..N),
+    ``N + 2`` after the span. Every vocabulary id falls in one class (other, start marker, code, end marker);
+    ``advance`` looks the next state up in a (states, classes) table, and ``bias`` returns one additive row per
+    sequence (0 = allowed, -inf = banned): outside a span no codes and no end marker, inside exactly N codes then
+    the end marker, at most one span.
+
+    Args:
+        token_ids: the perception-token ids.
+        span_length: N, codes per span.
+        vocab_size: width of the logits.
+        spatial: False bans every spatial token (segmentation token included): direct answering.
+        require_span: the first generated token is the span's start marker.
+        grammar: enforce the span grammar (False: only ``spatial`` and ``require_span`` apply, to measure the
+            constraint's effect).
+    """
+
+    # additive-bias rows
+    _BEFORE, _INSIDE, _FULL, _AFTER, _FIRST, _NO_SPATIAL, _FREE = range(7)
+
+    def __init__(
+        self,
+        token_ids: TokenIds,
+        span_length: int,
+        vocab_size: int,
+        *,
+        spatial: bool = True,
+        require_span: bool = False,
+        grammar: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if require_span and not spatial:
+            raise ValueError("require_span=True asks for a spatial token, but spatial=False bans them")
+        self.ids = token_ids
+        self.span_length = span_length
+        self.spatial, self.require_span, self.grammar = spatial, require_span, grammar
+        n = span_length
+        self.after = n + 2
+        codes = slice(token_ids.first_code, token_ids.first_code + token_ids.num_depth_codes)
+        token_class = torch.zeros(vocab_size, dtype=torch.long)  # 0 other, 1 start, 2 code, 3 end
+        token_class[token_ids.depth_start] = 1
+        token_class[codes] = 2
+        token_class[token_ids.depth_end] = 3
+        states = torch.arange(n + 3)
+        transition = states[:, None].repeat(1, 4)  # (state, class) -> next state; default: stay
+        transition[0, 1] = 1  # the start marker opens a span
+        transition[1 : n + 1, 2] = states[2 : n + 2]  # a code inside the span counts
+        transition[n + 1, 3] = self.after  # the end marker closes a full span
+
+        banned = torch.zeros(7, vocab_size, dtype=torch.bool)
+        banned[self._BEFORE, codes] = True
+        banned[self._BEFORE, token_ids.depth_end] = True
+        banned[self._INSIDE] = True
+        banned[self._INSIDE, codes] = False  # inside: codes only
+        banned[self._FULL] = True
+        banned[self._FULL, token_ids.depth_end] = False  # after N codes: the end marker only
+        banned[self._AFTER] = banned[self._BEFORE]
+        banned[self._AFTER, token_ids.depth_start] = True  # at most one span
+        banned[self._FIRST] = True
+        banned[self._FIRST, token_ids.depth_start] = False
+        banned[self._NO_SPATIAL, codes] = True
+        banned[self._NO_SPATIAL, [token_ids.seg, token_ids.depth_start, token_ids.depth_end]] = True
+        if not spatial:
+            row_of_state = torch.full((n + 3,), self._NO_SPATIAL)
+        elif not grammar:
+            row_of_state = torch.full((n + 3,), self._FREE)
+        else:
+            row_of_state = torch.full((n + 3,), self._INSIDE)
+            row_of_state[0], row_of_state[n + 1], row_of_state[self.after] = self._BEFORE, self._FULL, self._AFTER
+        self.token_class = token_class.to(device)
+        self.transition = transition.to(device)
+        self.rows = torch.zeros(7, vocab_size, dtype=dtype).masked_fill(banned, float("-inf")).to(device)
+        self.row_of_state = row_of_state.to(device)
+
+    def initial(self, batch_size: int) -> torch.Tensor:
+        """(B,) states of sequences that have generated nothing yet."""
+        return torch.zeros(batch_size, dtype=torch.long, device=self.transition.device)
+
+    def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """States after each sequence appends ``tokens`` (B,)."""
+        return self.transition[state, self.token_class[tokens]]
+
+    def bias(self, state: torch.Tensor, *, first: bool = False) -> torch.Tensor:
+        """(B, V) additive logits bias for the next token; ``first``: nothing has been generated yet."""
+        if first and self.require_span:
+            return self.rows[self._FIRST].expand(state.shape[0], -1)
+        return self.rows[self.row_of_state[state]]
+
+    def inside(self, state: torch.Tensor) -> torch.Tensor:
+        """(B,) codes written so far for sequences inside a span, -1 for the others."""
+        inside = (state >= 1) & (state <= self.span_length + 1)
+        return torch.where(inside, state - 1, torch.full_like(state, -1))
 
 
 class DepthSpanLogitsProcessor(LogitsProcessor):
-    """Mask logits so that generated text holds at most one well-formed depth span.
+    """:class:`SpanGrammar` as a transformers logits processor, for ``generate``.
 
     Args:
         token_ids: the perception-token ids.
         span_length: N, codes per span.
         prompt_length: length of the (padded) prompt; tokens after it are the generated ones.
-        spatial: False bans every spatial token (segmentation token included): direct answering.
-        require_span: force the first generated token to be the span's start marker.
-        grammar: enforce the span grammar (False: only ``spatial`` and ``require_span`` apply, to measure the
-            constraint's effect).
+        spatial, require_span, grammar: as in :class:`SpanGrammar`.
 
     One instance serves one ``generate`` call; a new call (a sequence no longer than the last one seen, or
-    another batch size) starts from a fresh state.
+    another batch size) starts from a fresh state. It reads only the newest tokens at each step, so its cost
+    does not grow with the length.
     """
 
     def __init__(
@@ -53,70 +149,25 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         self.ids = token_ids
         self.span_length = span_length
         self.prompt_length = prompt_length
-        self.spatial = spatial
-        self.require_span = require_span
-        self.grammar = grammar
+        self.options = {"spatial": spatial, "require_span": require_span, "grammar": grammar}
+        self._grammar: SpanGrammar | None = None
+        self._state: torch.Tensor | None = None
         self._seen = prompt_length
-        self._codes: torch.Tensor | None = None  # per row: -1 before a span, 0..N inside, N + 1 after it
-        self._table: torch.Tensor | None = None
-
-    def _advance(self, input_ids: torch.Tensor) -> None:
-        fresh = input_ids.shape[1] <= self.prompt_length or input_ids.shape[1] < self._seen
-        if self._codes is None or fresh or self._codes.shape[0] != input_ids.shape[0]:
-            self._codes = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
-            self._seen = self.prompt_length
-        for position in range(self._seen, input_ids.shape[1]):
-            token = input_ids[:, position]
-            state = self._codes
-            start = (token == self.ids.depth_start) & (state == -1)
-            code = (
-                (token >= self.ids.first_code) & (token < self.ids.first_code + self.ids.num_depth_codes) & (state >= 0)
-            )
-            end = (token == self.ids.depth_end) & (state == self.span_length)
-            state = torch.where(start, torch.zeros_like(state), state)
-            state = torch.where(code, state + 1, state)
-            self._codes = torch.where(end, torch.full_like(state, self.span_length + 1), state)
-        self._seen = input_ids.shape[1]
-
-    # Grammar states; each has one precomputed additive bias row (0 = allowed, -inf = banned).
-    _BEFORE, _INSIDE, _FULL, _AFTER, _FIRST, _NO_SPATIAL = range(6)
-
-    def _bias_table(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        ids = self.ids
-        codes = slice(ids.first_code, ids.first_code + ids.num_depth_codes)
-        banned = torch.zeros(6, vocab_size, dtype=torch.bool, device=device)
-        banned[self._BEFORE, codes] = True
-        banned[self._BEFORE, ids.depth_end] = True
-        banned[self._INSIDE] = True
-        banned[self._INSIDE, codes] = False  # inside: codes only
-        banned[self._FULL] = True
-        banned[self._FULL, ids.depth_end] = False  # after N codes: the end marker only
-        banned[self._AFTER] = banned[self._BEFORE]
-        banned[self._AFTER, ids.depth_start] = True  # at most one span
-        banned[self._FIRST] = True
-        banned[self._FIRST, ids.depth_start] = False
-        banned[self._NO_SPATIAL, codes] = True
-        banned[self._NO_SPATIAL, [ids.seg, ids.depth_start, ids.depth_end]] = True
-        table = torch.zeros(6, vocab_size, dtype=dtype, device=device)
-        return table.masked_fill(banned, float("-inf"))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._advance(input_ids)
-        if getattr(self, "_table", None) is None or self._table.shape[1] != scores.shape[1]:
-            self._table = self._bias_table(scores.shape[1], scores.dtype, scores.device)
-        first = self.require_span and input_ids.shape[1] == self.prompt_length
-        if not self.spatial:
-            return scores + self._table[self._NO_SPATIAL]
-        if first:
-            return scores + self._table[self._FIRST]
-        if not self.grammar:
-            return scores
-        state = self._codes
-        category = torch.full_like(state, self._BEFORE)
-        category = torch.where((state >= 0) & (state < self.span_length), self._INSIDE, category)
-        category = torch.where(state == self.span_length, self._FULL, category)
-        category = torch.where(state == self.span_length + 1, self._AFTER, category)
-        return scores + self._table[category]
+        grammar = self._grammar
+        if grammar is None or grammar.rows.shape[1] != scores.shape[1] or grammar.rows.dtype != scores.dtype:
+            grammar = self._grammar = SpanGrammar(
+                self.ids, self.span_length, scores.shape[1], dtype=scores.dtype, device=scores.device, **self.options
+            )
+        fresh = input_ids.shape[1] <= self.prompt_length or input_ids.shape[1] < self._seen
+        if self._state is None or fresh or self._state.shape[0] != input_ids.shape[0]:
+            self._state = grammar.initial(input_ids.shape[0])
+            self._seen = self.prompt_length
+        for position in range(self._seen, input_ids.shape[1]):
+            self._state = grammar.advance(self._state, input_ids[:, position])
+        self._seen = input_ids.shape[1]
+        return scores + grammar.bias(self._state, first=input_ids.shape[1] == self.prompt_length)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import InternVLForConditionalGeneration, LogitsProcessorList, PreTrainedModel, Sam2Model
+from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
 from transformers.utils import logging as hf_logging
 
 from perceptio.losses import (
@@ -31,7 +31,8 @@ from perceptio.losses import (
     text_loss,
 )
 from perceptio.models.configuration_perceptio import PerceptioConfig
-from perceptio.models.generation import DepthSpanLogitsProcessor, parse_generated
+from perceptio.models.decoding import greedy_decode
+from perceptio.models.generation import SpanGrammar, parse_generated
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.models.sam2 import load_sam2, without_stability_swap
 from perceptio.tokenizers.depth.model import CheckpointMismatchError, DepthTokenizer
@@ -615,6 +616,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         spatial: bool = True,
         require_depth_span: bool = False,
         batch_size: int = 8,
+        span_window: int = 8,
+        compile: bool = False,
     ) -> list[Prediction]:
         """Answer ``prompts`` about ``images`` greedily, then decode masks and depth.
 
@@ -627,6 +630,15 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             spatial: False bans every spatial token (direct answering).
             require_depth_span: make every answer open with a depth span.
             batch_size: prompts per generation batch (left padding, KV cache).
+            span_window: W > 1 decodes the depth span up to W tokens per forward (guess, check, accept up to the
+                first wrong guess: the greedy tokens, except where greedy decoding is itself a floating-point tie);
+                1 decodes one token per forward, exactly as ``generate`` does.
+            compile: ``torch.compile`` the decoding step (worth it for long evaluations: compiling takes tens of
+                seconds, once per batch size).
+
+        Decoding is :func:`perceptio.models.decoding.greedy_decode`: the same tokens as transformers'
+        ``generate(do_sample=False)`` under the span grammar, with a static KV cache, and the hidden states at the
+        generated ``[SEG]`` tokens kept for the mask decoder.
         """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; one image per prompt")
@@ -641,7 +653,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = slice(start, start + batch_size)
-                args = (processor, budget, constrain, spatial, require_depth_span)
+                args = (processor, budget, constrain, spatial, require_depth_span, span_window, compile)
                 out += self._predict_batch(list(images[chunk]), list(prompts[chunk]), *args)
         finally:
             self.train(was_training)  # predict() in the middle of training leaves the mode as it found it
@@ -656,71 +668,58 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         constrain: bool,
         spatial: bool,
         require_span: bool,
+        span_window: int,
+        compile: bool,
     ) -> list[Prediction]:
         ids = self.config.resolved_token_ids
         span_length = self.config.vocab.span_length
         device = self.device
         batch = processor(images, prompts).to(device)
-        prompt_length = batch["input_ids"].shape[1]
-        processors = LogitsProcessorList()
-        if constrain or not spatial or require_span:
-            processors.append(
-                DepthSpanLogitsProcessor(
-                    ids, span_length, prompt_length, spatial=spatial, require_span=require_span, grammar=constrain
-                )
-            )
         tokenizer = processor.text_tokenizer
-        began = time.perf_counter()
-        sequences = self.vlm.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            max_new_tokens=budget,
-            do_sample=False,
-            use_cache=True,
-            logits_processor=processors,
-            eos_token_id=processor.turn_end_id,
-            pad_token_id=tokenizer.pad_token_id,
+        grammar = SpanGrammar(
+            ids,
+            span_length,
+            self.vlm.lm_head.out_features,
+            spatial=spatial,
+            require_span=require_span,
+            grammar=constrain,
+            device=device,
         )
-        generated = sequences[:, prompt_length:]
+        began = time.perf_counter()
+        decoded = greedy_decode(
+            self.vlm,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            grammar,
+            max_new_tokens=budget,
+            end_id=processor.turn_end_id,
+            pad_id=tokenizer.pad_token_id,
+            seg_id=ids.seg,
+            compile=compile,
+            jacobi=span_window,
+        )
         generation_seconds = time.perf_counter() - began
         began = time.perf_counter()
-        lengths = []
-        for row in generated.tolist():  # up to (not including) the end of the turn
-            lengths.append(row.index(processor.turn_end_id) if processor.turn_end_id in row else len(row))
+        generated, lengths = decoded.tokens, decoded.lengths
         parsed = [
             parse_generated(row[:n], ids, span_length) for row, n in zip(generated.tolist(), lengths, strict=True)
         ]
-        hidden = None
-        if any(p.seg_positions for p in parsed):  # hidden states at the generated segmentation tokens
-            gen_mask = (
-                torch.arange(generated.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
-            )
-            attention = torch.cat([batch["attention_mask"], gen_mask.long()], dim=1)
-            outputs = self.vlm(
-                input_ids=sequences,
-                attention_mask=attention,
-                pixel_values=batch["pixel_values"],
-                output_hidden_states=True,
-            )
-            hidden = outputs.hidden_states[-1]
         grid = self.config.depth_tokenizer.grid
         predictions = []
         for b, (image, parse) in enumerate(zip(images, parsed, strict=True)):
             size = (image.height, image.width)
             masks: list[np.ndarray] = []
-            if parse.seg_positions and hidden is not None:
-                positions = torch.tensor(parse.seg_positions, device=device) + prompt_length
-                logits = self.select_masks(
-                    *self.segment(batch["sam_pixel_values"][b : b + 1], hidden[b, positions][None])
-                )
+            if parse.seg_positions:
+                prompts_b = decoded.seg_hidden[b]  # hidden states at the [SEG] tokens, kept while decoding
+                logits = self.select_masks(*self.segment(batch["sam_pixel_values"][b : b + 1], prompts_b[None]))
                 full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
                 masks = [m.float().cpu().numpy() > 0 for m in full]
             depth = codes = None
             if parse.depth_codes is not None:
                 codes = parse.depth_codes.reshape(grid)
-                decoded = self.depth_tokenizer.decode(torch.from_numpy(codes)[None].to(device))
-                depth = F.interpolate(decoded[:, None].float(), size=size, mode="nearest-exact")[0, 0].cpu().numpy()
+                depth_map = self.depth_tokenizer.decode(torch.from_numpy(codes)[None].to(device))
+                depth = F.interpolate(depth_map[:, None].float(), size=size, mode="nearest-exact")[0, 0].cpu().numpy()
             row = generated[b, : lengths[b]].tolist()
             predictions.append(
                 Prediction(
