@@ -480,7 +480,7 @@ def predict(
     ] = True,
     span_window: Annotated[
         int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
-    ] = 8,
+    ] = 16,
     compile: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
     ] = False,
@@ -564,7 +564,7 @@ def evaluate(
     ] = True,
     span_window: Annotated[
         int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
-    ] = 8,
+    ] = 16,
     compile: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
     ] = False,

@@ -103,7 +103,7 @@ class EvalSettings:
     resume: bool = False
     spatial_cot: bool = True
     constrain: bool = True
-    span_window: int = 8
+    span_window: int = 16
     compile: bool = False
     device: str | None = None
 

@@ -616,7 +616,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         spatial: bool = True,
         require_depth_span: bool = False,
         batch_size: int = 8,
-        span_window: int = 8,
+        span_window: int = 16,
         compile: bool = False,
     ) -> list[Prediction]:
         """Answer ``prompts`` about ``images`` greedily, then decode masks and depth.
