@@ -7,7 +7,7 @@ processors) than in a tiny model. :func:`greedy_decode` keeps only what greedy d
 - one prefill through the whole VLM (vision tower included), then steps through the language model alone;
 - a static KV cache (``transformers.StaticCache``) and an attention mask kept as one boolean tensor;
 - the span grammar as precomputed tensors (:class:`~perceptio.models.generation.SpanGrammar`);
-- the last hidden state of every fed token kept, so the ``[SEG]`` prompts need no second pass;
+- the last hidden state of every fed token kept, so the segmentation-token prompts need no second pass;
 - left-padded batches (position ids as ``generate`` makes them);
 - optionally ``torch.compile`` of the step (fixed shapes thanks to the static cache; it pays off over long
   evaluations, not for a handful of queries: compiling takes tens of seconds);
@@ -41,7 +41,7 @@ class Decoded:
         tokens: (B, T) generated ids; after a sequence's end-of-turn token, the pad id.
         lengths: per sequence, the number of generated ids before its end-of-turn token (T when it has none).
         seg_hidden: per sequence, (n, H) last hidden states at its generated segmentation tokens (the input
-            position of each ``[SEG]``, as in training), in order; None for the reference decoder.
+            position of each segmentation token, as in training), in order; None for the reference decoder.
         forwards: language-model forwards after the prefill.
     """
 
@@ -169,7 +169,7 @@ def greedy_decode(
     chosen = write((logits + grammar.bias(state, first=True)).argmax(-1), torch.ones_like(ended))
     while True:
         active = ~ended & (count < max_new_tokens)  # sequences that will write more tokens
-        # a [SEG] written last, at the budget, still needs one feed for its hidden state
+        # a segmentation token written last, at the budget, still needs one feed for its hidden state
         fed = active | (~ended & (count == max_new_tokens) & (chosen == seg_id))
         if not bool(fed.any()):
             break
@@ -197,7 +197,7 @@ def greedy_decode(
         forwards += 1
         if hidden_of_fed is None:
             hidden_of_fed = hidden.new_zeros(batch, max_new_tokens + window, hidden.shape[-1])
-        hidden_of_fed[rows, count - 1] = hidden[:, 0]  # for a sequence not fed: a token that is no [SEG]
+        hidden_of_fed[rows, count - 1] = hidden[:, 0]  # for a sequence not fed: a token that is no segmentation token
 
         if width == 1:
             logits = step_logits[:, 0]
@@ -211,7 +211,7 @@ def greedy_decode(
             path = torch.stack(path, dim=1)  # (B, W): state after fed tokens 0..i
             predicted = (step_logits[:, :-1] + grammar.rows[grammar.row_of_state[path[:, :-1]]]).argmax(-1)
             # guess i + 1 is right when it is the greedy token after fed token i and the guesses before it were
-            # right; end-of-turn and [SEG] guesses are left to the one-token path
+            # right; end-of-turn and segmentation-token guesses are left to the one-token path
             right = (predicted == feed[:, 1:]) & (feed[:, 1:] != end_id) & (feed[:, 1:] != seg_id)
             accepted = torch.minimum(right.long().cumprod(1).sum(1), limit)  # (B,)
             offsets = torch.arange(1, width, device=device)

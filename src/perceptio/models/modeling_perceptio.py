@@ -638,7 +638,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
 
         Decoding is :func:`perceptio.models.decoding.greedy_decode`: the same tokens as transformers'
         ``generate(do_sample=False)`` under the span grammar, with a static KV cache, and the hidden states at the
-        generated ``[SEG]`` tokens kept for the mask decoder.
+        generated segmentation tokens kept for the mask decoder.
         """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; one image per prompt")
@@ -711,7 +711,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             size = (image.height, image.width)
             masks: list[np.ndarray] = []
             if parse.seg_positions:
-                prompts_b = decoded.seg_hidden[b]  # hidden states at the [SEG] tokens, kept while decoding
+                prompts_b = decoded.seg_hidden[b]  # hidden states at the segmentation tokens, kept while decoding
                 logits = self.select_masks(*self.segment(batch["sam_pixel_values"][b : b + 1], prompts_b[None]))
                 full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
                 masks = [m.float().cpu().numpy() > 0 for m in full]
