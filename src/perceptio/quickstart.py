@@ -572,7 +572,7 @@ def _gallery_items(paths: dict[str, Path], count: int) -> list[dict[str, Any]]:
 
 
 def _predictions(config: QuickstartConfig, paths: dict[str, Path]) -> None:
-    from perceptio.eval.harness import DEPTH_PROMPT, SEGMENT_PROMPT
+    from perceptio.data.templates import DEPTH_QUERY, segmentation_query
     from perceptio.inference import Perceptio
 
     model = Perceptio.from_pretrained(paths["train"] / "model", device="cpu")
@@ -581,7 +581,7 @@ def _predictions(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     index = []
     for item in _gallery_items(paths, config.gallery):
         image = paths["world"] / "images" / item["image"]
-        prompts = {"segment": SEGMENT_PROMPT.format(expr=item["expression"]), "depth": DEPTH_PROMPT}
+        prompts = {"segment": segmentation_query(item["expression"]), "depth": DEPTH_QUERY}
         if item["question"]:
             prompts["question"] = item["question"]
         predictions = model.predict(image, list(prompts.values()))

@@ -11,6 +11,7 @@ renders the same text. Token strings come from :class:`perceptio.vocab.Perceptio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from perceptio.data.schema import Sample, Task
 from perceptio.errors import UserError
 from perceptio.vocab import PerceptionVocab
 
-__all__ = ["RenderedSample", "TemplateError", "render_sample"]
+__all__ = ["DEPTH_QUERY", "RenderedSample", "TemplateError", "evaluation_query", "render_sample", "segmentation_query"]
 
 _SEGMENT_QUERIES = (
     "Please segment {expr} in this image.",
@@ -86,31 +87,65 @@ def render_sample(
 
     task = sample.task
     if task is Task.REFERRING_SEGMENTATION:
-        if not sample.query:
-            raise TemplateError(f"sample {sample.sample_id} has no referring expression")
         parts = [vocab.seg_token * max(1, len(sample.masks))]
         if depth_cot and depth_codes is not None:
             parts.append(_span(vocab, depth_codes, sample))
         parts.append(pick(_SEGMENT_ANSWERS))
-        query = pick(_SEGMENT_QUERIES).format(expr=sample.query)
+        query = _query(sample, pick)  # drawn after the answer: the order of draws fixes a seeded run's text
         return RenderedSample(query, " ".join(parts), num_masks=max(1, len(sample.masks)))
     if task is Task.DEPTH:
-        return RenderedSample(pick(_DEPTH_QUERIES), _span(vocab, depth_codes, sample), num_masks=0)
+        return RenderedSample(_query(sample, pick), _span(vocab, depth_codes, sample), num_masks=0)
     if task is Task.RELATIVE_DEPTH:
         if sample.answer is None:
             raise TemplateError(f"sample {sample.sample_id} has no gold letter to train on")
         if not depth_cot:
-            return RenderedSample(sample.query, f"({sample.answer})", num_masks=0)
+            return RenderedSample(_query(sample, pick), f"({sample.answer})", num_masks=0)
         answer = pick(_COT_ANSWERS).format(letter=sample.answer)
-        return RenderedSample(sample.query, f"{_span(vocab, depth_codes, sample)} {answer}", num_masks=0)
+        return RenderedSample(_query(sample, pick), f"{_span(vocab, depth_codes, sample)} {answer}", num_masks=0)
     if task is Task.MULTIPLE_CHOICE:
-        if not sample.choices or sample.answer is None:
+        if sample.answer is None:
             raise TemplateError(f"sample {sample.sample_id} needs choices and a gold letter")
-        options = "\n".join(f"{letter}. {text}" for letter, text in zip(sample.letters, sample.choices, strict=False))
-        hint = f"Hint: {sample.meta['hint']}\n" if sample.meta.get("hint") else ""
-        return RenderedSample(f"{hint}{sample.query}\n{options}\n{_MCQ_SUFFIX}", sample.answer, num_masks=0)
+        return RenderedSample(_query(sample, pick), sample.answer, num_masks=0)
     if task is Task.VQA:
         if sample.answer is None:
             raise TemplateError(f"sample {sample.sample_id} has no answer to train on")
-        return RenderedSample(sample.query.replace("<image>", "").strip(), sample.answer, num_masks=0)
+        return RenderedSample(_query(sample, pick), sample.answer, num_masks=0)
     raise TemplateError(f"no template for task {task!r}")
+
+
+def _query(sample: Sample, pick: Callable[[tuple[str, ...]], str]) -> str:
+    """The user turn of a sample; ``pick`` chooses among the phrasings."""
+    task = sample.task
+    if task is Task.REFERRING_SEGMENTATION:
+        if not sample.query:
+            raise TemplateError(f"sample {sample.sample_id} has no referring expression")
+        return pick(_SEGMENT_QUERIES).format(expr=sample.query)
+    if task is Task.DEPTH:
+        return pick(_DEPTH_QUERIES)
+    if task is Task.MULTIPLE_CHOICE:
+        if not sample.choices:
+            raise TemplateError(f"sample {sample.sample_id} needs choices and a gold letter")
+        options = "\n".join(f"{letter}. {text}" for letter, text in zip(sample.letters, sample.choices, strict=False))
+        hint = f"Hint: {sample.meta['hint']}\n" if sample.meta.get("hint") else ""
+        return f"{hint}{sample.query}\n{options}\n{_MCQ_SUFFIX}"
+    if task is Task.VQA:
+        return sample.query.replace("<image>", "").strip()
+    if task is Task.RELATIVE_DEPTH:
+        return sample.query
+    raise TemplateError(f"no template for task {task!r}")
+
+
+def segmentation_query(expression: str) -> str:
+    """The evaluation prompt of referring segmentation: "Please segment {expr} in this image." (LISA, Sa2VA)."""
+    return _SEGMENT_QUERIES[0].format(expr=expression)
+
+
+#: The evaluation prompt of depth generation.
+DEPTH_QUERY = _DEPTH_QUERIES[0]
+
+
+def evaluation_query(sample: Sample) -> str:
+    """The prompt a benchmark asks: the training template's first phrasing (referring segmentation: "Please
+    segment {expr} in this image.", as LISA and Sa2VA evaluate; depth: "What is the depth map for the image?"),
+    so evaluation and training share one set of templates."""
+    return _query(sample, lambda options: options[0])

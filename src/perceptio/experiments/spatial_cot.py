@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from perceptio.data.readers import read_hardblink
-from perceptio.eval.harness import balance_point_counts
+from perceptio.eval.tasks import balance_point_counts
 from perceptio.quickstart import QuickstartConfig, run_quickstart
 from perceptio.train.checkpoint import latest_checkpoint
 from perceptio.utils.jsonl import read_jsonl
