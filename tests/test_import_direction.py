@@ -59,3 +59,19 @@ def test_every_import_goes_down_the_layers() -> None:
             if level >= _layer(own):
                 wrong.append(f"{path.relative_to(SRC.parent)}:{line} ({own}) imports {name}")
     assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+#: The synthetic world is a dataset, not a dependency of the library's machinery: only the applications that
+#: build or show it import it, and the tiny preset, whose tokenizer is trained on the world's words.
+SYNTHETIC_USERS = {"quickstart.py", "pretrain.py", "cli/main.py", "experiments/grounding.py", "demo/app.py"}
+SYNTHETIC_USERS |= {"models/presets.py"}
+
+
+def test_only_the_applications_import_the_synthetic_world() -> None:
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        relative = path.relative_to(SRC).as_posix()
+        if relative.startswith("data/synthetic/") or relative in SYNTHETIC_USERS:
+            continue
+        wrong += [f"{relative}:{line} imports {name}" for line, name in _imports(path) if "data.synthetic" in name]
+    assert not wrong, "\n".join(wrong)

@@ -197,13 +197,20 @@ def _build_smol(seed: int, **options: object) -> tuple:
     return model, PerceptioProcessor.for_config(model.config, text_tokenizer)
 
 
+def _tiny_text_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny preset's tokenizer knows the words of the synthetic world it trains on."""
+    from perceptio.data.synthetic.scene import COLORS, SHAPES, SIZES
+
+    return build_tiny_text_tokenizer(SIZES, COLORS, SHAPES)
+
+
 #: The registry.
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
         "tiny",
         "random weights, CPU tests and quickstart",
         config=_tiny_config,
-        text_tokenizer=build_tiny_text_tokenizer,
+        text_tokenizer=_tiny_text_tokenizer,
     ),
     "smol": ModelPreset("smol", "SmolLM2-135M-Instruct (pretrained, offline) + small vision tower", build=_build_smol),
 }

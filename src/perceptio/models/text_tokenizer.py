@@ -1,16 +1,17 @@
 """The text tokenizer of the `tiny` preset, built offline, and InternVL's image-token names.
 
 Real presets load the text tokenizer saved with their InternVL checkpoint. The `tiny` preset cannot download
-one, so it trains a small byte-level BPE on a fixed corpus (the synthetic world's words and prompts) in code:
-deterministic, a few hundred milliseconds, and every string stays encodable because the alphabet is all bytes.
+one, so it trains a small byte-level BPE in code on a fixed corpus: the prompts' sentences filled with the
+object words the caller gives (the tiny preset gives the synthetic world's sizes, colours and shapes).
+Deterministic, a few hundred milliseconds, and every string stays encodable because the alphabet is all bytes.
 The perception tokens are added by :func:`perceptio.vocab.register_tokens`, exactly as for real checkpoints.
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+from collections.abc import Sequence
 
-from perceptio.data.synthetic.scene import COLORS, SHAPES, SIZES
+from transformers import PreTrainedTokenizerFast
 
 __all__ = ["CHAT_TOKENS", "IMAGE_TOKENS", "build_tiny_text_tokenizer"]
 
@@ -38,11 +39,11 @@ _SENTENCES = [
 ]
 
 
-def _corpus() -> list[str]:
+def _corpus(sizes: Sequence[str], colors: Sequence[str], shapes: Sequence[str]) -> list[str]:
     lines = []
-    for size in SIZES:
-        for color in COLORS:
-            for shape in SHAPES:
+    for size in sizes:
+        for color in colors:
+            for shape in shapes:
                 obj = f"the {size} {color} {shape}"
                 lines += [s.format(obj=obj, noun=shape) for s in _SENTENCES]
                 # short answers open the assistant turn without a leading space: one token each, as in real
@@ -52,8 +53,11 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tiny_text_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with InternVL's image tokens and the Qwen2 chat markers (no perception tokens)."""
+def build_tiny_text_tokenizer(
+    sizes: Sequence[str], colors: Sequence[str], shapes: Sequence[str], vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with InternVL's image tokens and the Qwen2 chat markers (no perception tokens),
+    trained on the prompts' sentences about every (size, colour, shape) object."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(unk_token=None))
@@ -66,7 +70,7 @@ def build_tiny_text_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_corpus(), trainer)
+    backend.train_from_iterator(_corpus(sizes, colors, shapes), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=CHAT_TOKENS["turn_end"],

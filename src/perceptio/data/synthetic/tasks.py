@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from perceptio.data.formats import MARKER_RULE
 from perceptio.data.synthetic.render import Rendering
 from perceptio.data.synthetic.scene import COLORS, SHAPES, SIZES, Scene
 
@@ -51,13 +52,13 @@ class TaskConfig:
     """'Closest'/'farthest' need the runner-up to be this much (relative) farther/nearer than the winner."""
     expressions_per_object: int = 3
     """Most referring expressions written per object (one of each kind where possible)."""
-    marker_band: tuple[float, float] = (0.35, 0.65)
+    marker_band: tuple[float, float] = MARKER_RULE.band
     """Markers sit in this band of image rows (fractions of the height): the mid-height rule of HardBLINK."""
-    marker_closest_gap: float = 0.15
+    marker_closest_gap: float = MARKER_RULE.closest_gap
     """The second-closest marker must be at least this much (relative) farther than the closest."""
-    marker_min_gap: float = 0.05
+    marker_min_gap: float = MARKER_RULE.min_gap
     """Any two markers must differ in depth by at least this much (relative)."""
-    marker_min_distance: float = 0.1
+    marker_min_distance: float = MARKER_RULE.min_distance
     """Any two markers must be at least this fraction of the image width apart (labels must not collide)."""
 
 

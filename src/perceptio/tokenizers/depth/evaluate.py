@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from perceptio.data.synthetic.tasks import TaskConfig
+from perceptio.data.formats import MARKER_RULE
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.tokenizers.depth.normalize import denormalize_depth
 from perceptio.tokenizers.depth.teachers import TeacherMap
@@ -35,17 +35,15 @@ from perceptio.utils.viz import colorize_depth, text_panel
 __all__ = ["PointRule", "closest_point_sets", "depth_metrics", "evaluate_tokenizer", "reconstruction_grid"]
 
 
-_MARKERS = TaskConfig()  # the synthetic world's marker margins: one source for both
-
-
 @dataclass(frozen=True)
 class PointRule:
-    """How closest-point test sets are drawn; the margins default to the synthetic world's marker rule."""
+    """How closest-point test sets are drawn; the margins default to the marker rule of relative-depth questions
+    (:data:`perceptio.data.formats.MARKER_RULE`, which the synthetic world's questions follow too)."""
 
-    band: tuple[float, float] = _MARKERS.marker_band
-    closest_gap: float = _MARKERS.marker_closest_gap
-    min_gap: float = _MARKERS.marker_min_gap
-    min_distance: float = _MARKERS.marker_min_distance
+    band: tuple[float, float] = MARKER_RULE.band
+    closest_gap: float = MARKER_RULE.closest_gap
+    min_gap: float = MARKER_RULE.min_gap
+    min_distance: float = MARKER_RULE.min_distance
     sets_per_image: int = 4
     tries: int = 200
 
