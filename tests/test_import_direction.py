@@ -75,3 +75,47 @@ def test_only_the_applications_import_the_synthetic_world() -> None:
             continue
         wrong += [f"{relative}:{line} imports {name}" for line, name in _imports(path) if "data.synthetic" in name]
     assert not wrong, "\n".join(wrong)
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules a file imports when it runs (inside functions too), not those under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("perceptio"):
+            names |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.startswith("perceptio")}
+    return names
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No file-level import cycles (a package's ``__init__`` re-exporting its modules excepted)."""
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {
+        name: {m for m in _runtime_imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
+    cycles = set()
+    for start in graph:
+        stack = [(start, (start,))]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.add(" -> ".join((*trail, start)))
+                elif nxt not in trail and len(trail) < 6:
+                    stack.append((nxt, (*trail, nxt)))
+    assert not cycles, "\n".join(sorted(cycles))

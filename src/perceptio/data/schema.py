@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import enum
 import io
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from perceptio.data.depth_files import (  # re-exported: the depth types are part of the schema
+    DEPTH_CONVENTIONS,
+    DepthConvention,
+    DepthMap,
+    depth_values_problem,
+    read_depth_map,
+)
 from perceptio.data.errors import DataError
 
 __all__ = [
@@ -281,126 +287,6 @@ class MaskRef:
 
 
 @dataclass(frozen=True)
-class DepthConvention:
-    """What the numbers in a depth file mean.
-
-    ``value = raw * scale`` gives the quantity in ``units``; raw values equal to ``invalid_value`` (and
-    non-finite values) are invalid.
-
-    Attributes:
-        quantity: ``"depth"`` (distance along the optical axis, larger = farther) or ``"inverse_depth"``
-            (disparity-like, larger = nearer; Depth Anything's relative output).
-        metric: True when the values are in physical units; False for relative (per-image normalised) maps.
-        units: ``"m"`` for metric depth, None for relative maps.
-        scale: multiply raw file values by this to get ``units`` (NYU PNG: 0.001, KITTI PNG: 1/256).
-        invalid_value: a raw value that marks missing measurements (0 for NYU and KITTI), or None.
-    """
-
-    quantity: Literal["depth", "inverse_depth"] = "depth"
-    metric: bool = True
-    units: str | None = "m"
-    scale: float = 1.0
-    invalid_value: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.quantity not in ("depth", "inverse_depth"):
-            raise ValueError(f"DepthConvention.quantity must be 'depth' or 'inverse_depth', got {self.quantity!r}")
-        if self.metric and self.units is None:
-            raise ValueError("a metric DepthConvention needs units (e.g. 'm')")
-        if not self.scale > 0:
-            raise ValueError(f"DepthConvention.scale must be positive, got {self.scale}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, payload: Mapping[str, Any], *, path: str | Path | None = None) -> DepthConvention:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(payload) - known - {"format", "description"})
-        if unknown:
-            raise DataError(f"unknown depth-convention field(s) {unknown}", path=path, fix=f"use only {sorted(known)}")
-        try:
-            return cls(**{k: v for k, v in payload.items() if k in known})
-        except (TypeError, ValueError) as err:
-            raise DataError(
-                f"invalid depth convention ({err})", path=path, fix="see perceptio.data.DepthConvention"
-            ) from None
-
-    @classmethod
-    def read_sidecar(cls, path: str | Path) -> DepthConvention:
-        """Read a ``depth.json`` sidecar that records the convention of a folder of depth maps."""
-        path = Path(path)
-        try:
-            payload = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError("depth sidecar not found", path=path, fix="write depth.json or pass a convention") from None
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"malformed JSON ({err.msg} at line {err.lineno})", path=path, fix="repair the file"
-            ) from None
-        if not isinstance(payload, dict):
-            raise DataError("depth sidecar must be a JSON object", path=path, fix="see docs/data.md")
-        return cls.from_dict(payload.get("convention", payload), path=path)
-
-
-#: Named conventions of common depth datasets.
-DEPTH_CONVENTIONS: dict[str, DepthConvention] = {
-    # NYU Depth v2 (BTS/GLPDepth "sync" layout): uint16 PNG in millimetres, 0 = no measurement.
-    "nyu": DepthConvention(quantity="depth", metric=True, units="m", scale=1e-3, invalid_value=0),
-    # KITTI depth: uint16 PNG, metres * 256, 0 = no LiDAR return.
-    "kitti": DepthConvention(quantity="depth", metric=True, units="m", scale=1 / 256, invalid_value=0),
-    # Depth Anything `--grayscale --pred-only` output: 8-bit relative inverse depth, min-max normalised per image.
-    "depth_anything_png": DepthConvention(quantity="inverse_depth", metric=False, units=None, scale=1 / 255),
-    # Float arrays of metric depth in metres (.npy / .npz), e.g. the synthetic world.
-    "metric_m": DepthConvention(quantity="depth", metric=True, units="m", scale=1.0),
-    # Float arrays of relative inverse depth (e.g. a Depth Anything teacher's raw output).
-    "relative_inverse": DepthConvention(quantity="inverse_depth", metric=False, units=None, scale=1.0),
-}
-
-
-def depth_values_problem(values: np.ndarray, *, quantity: str = "depth", valid: np.ndarray | None = None) -> str | None:
-    """Why a depth map cannot become a depth-span target (in words), or None when it can.
-
-    The rules of the depth tokenizer's normalisation (which calls this): one numeric (H, W) array; without
-    ``valid``, every value finite; at least one valid, finite pixel; depth (not inverse depth) positive where valid;
-    not constant where valid (per-image min-max normalisation is undefined for a constant map).
-    """
-    arr = np.asarray(values)
-    if arr.ndim != 2:
-        return f"expected a single (H, W) map, got shape {arr.shape}"
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        return f"expected a numeric array, got dtype {arr.dtype}"
-    arr = arr.astype(np.float64)
-    finite = np.isfinite(arr)
-    if valid is None and not finite.all():
-        return f"{int((~finite).sum())} NaN/inf value(s); pass valid= to mark missing measurements, or fill them first"
-    mask = finite if valid is None else np.asarray(valid, dtype=bool) & finite
-    if not mask.any():
-        return "no valid pixel (every value is missing, NaN or infinite)"
-    if quantity == "depth" and (arr[mask] <= 0).any():
-        return f"depth must be positive where valid (found {arr[mask].min():.4g})"
-    low, high = arr[mask].min(), arr[mask].max()
-    if not high > low:
-        return f"the map is constant ({high:.6g} everywhere); relative depth is undefined"
-    return None
-
-
-@dataclass(frozen=True)
-class DepthMap:
-    """A decoded depth map.
-
-    Attributes:
-        values: float32 (H, W) in the convention's units; invalid pixels hold NaN.
-        valid: bool (H, W), False where the file marks no measurement.
-        convention: what ``values`` mean.
-    """
-
-    values: np.ndarray
-    valid: np.ndarray
-    convention: DepthConvention
-
-
-@dataclass(frozen=True)
 class DepthRef:
     """A depth map file (``.npy``, ``.npz`` or PNG) and its convention, decoded on :meth:`load`.
 
@@ -417,8 +303,6 @@ class DepthRef:
     size: tuple[int, int] | None = None
 
     def load(self) -> DepthMap:
-        from perceptio.data.readers.depth import read_depth_map  # the depth reader owns file decoding
-
         depth = read_depth_map(self.path, self.convention, key=self.key)
         if self.size is not None:
             h, w = depth.values.shape

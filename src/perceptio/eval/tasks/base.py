@@ -16,7 +16,7 @@ from perceptio.data.templates import evaluation_query
 from perceptio.errors import UserError
 
 if TYPE_CHECKING:
-    from perceptio.eval.harness import EvalSettings
+    from perceptio.eval.settings import EvalSettings
     from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, Prediction
 
 __all__ = ["REGISTRY", "EvalTask", "UnknownTaskError", "get_task", "register"]
