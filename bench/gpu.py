@@ -21,7 +21,8 @@ FLOPs(step) is counted, not estimated: ``torch.utils.flop_counter.FlopCounterMod
 (matrix products, convolutions and attention; elementwise work is not counted, nor the optimiser). Frozen parts
 cost their forward (and the backward of their activations where gradients pass through), not a weight gradient;
 the vision tower, SAM2 and the depth decoder add their own work. The common estimate, 6 x language-model
-parameters x tokens, is printed beside it ("6N MFU"). The peak is bf16 dense from a table of known GPUs (``--peak-tflops`` for others); a CPU gets no MFU.
+parameters x tokens, is printed beside it ("6N MFU"). The peak is bf16 dense from a table of known GPUs
+(``--peak-tflops`` for others); a CPU gets no MFU.
 
 Generation (batch 1 and 8): ms per query for a depth span (100 codes; tiny: 64) + 12 answer tokens, for
 transformers' ``generate`` (the span grammar as a logits processor), the decode loop, the loop with parallel span
