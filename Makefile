@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml Makefile
 # `make test`: the fast tier (under 4 minutes on an idle 2-core machine). `make test-slow`: the end-to-end tier
 # (tests marked `slow`); CI runs both.
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m "not slow"
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m slow
 
 test-all: setup
 	$(BIN)/python -m pytest

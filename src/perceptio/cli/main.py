@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,12 @@ from perceptio import __version__
 from perceptio.errors import UserError
 from perceptio.experiments.grounding import ARMS as LADDER_ARMS
 from perceptio.experiments.grounding import LEVELS
+
+# OpenMP's default wait policy keeps idle threads spinning; beside another busy process on a small machine that
+# makes tokenizer training and evaluation 3x slower (bench/under_load.py), where passive waiting slows them in
+# proportion to the cores taken. It must be set before torch loads its OpenMP runtime, which none of the imports
+# above does; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False
@@ -58,8 +65,6 @@ def _model_or_shipped(model: Path | None) -> Path:
 def _end_distributed() -> None:
     """Leave a torchrun process through barrier, destroy, flush and ``os._exit(0)``: gloo can otherwise abort at
     interpreter exit (SIGABRT) and fail the torchrun job."""
-    import os
-
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -429,8 +434,6 @@ def train(
 ) -> None:
     """Train Perceptio from a recipe. Under torchrun (`torchrun --nproc_per_node=N -m perceptio train ...`) every
     process trains its share of each global batch (DDP, or FSDP with run.distributed=fsdp)."""
-    import os
-
     from perceptio.config import ConfigError, load_config
     from perceptio.data.errors import DataError
     from perceptio.tokenizers.depth.pipeline import default_cache_dir
@@ -572,8 +575,6 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), metrics.json and a summary table. Under
     torchrun each process takes a shard."""
-    import os
-
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import EvalSettings, IncompleteEvaluationError, run_eval
     from perceptio.utils.runlock import RunFolderLockedError
