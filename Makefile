@@ -31,7 +31,7 @@ test-slow: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m slow
 
 test-all: setup
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 quickstart: setup
 	$(BIN)/perceptio quickstart --out $(QUICKSTART_DIR)
