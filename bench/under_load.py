@@ -44,7 +44,7 @@ if stage == "train":
     from perceptio.models.build import build_preset
     model, processor = build_preset("tiny", seed=0)
     spec = DatasetConfig(format="refcoco", path=world, split="train", image_root=world / "images", limit=64)
-    data = TrainingData.from_config(DataConfig(datasets={"r": spec}, depth_cot=False, seg_depth_span=False),
+    data = TrainingData.from_config(DataConfig(datasets={"r": spec}, spatial_cot=False, seg_depth_span=False),
                                     model.depth_tokenizer, progress=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     def step():

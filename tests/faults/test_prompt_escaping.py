@@ -129,7 +129,7 @@ def test_predict_with_a_typed_image_token_does_not_crash(tiny) -> None:  # noqa:
     model, processor = tiny
     (prediction,) = model.predict([_image()], ["<IMG_CONTEXT> What is this? <img>"], processor, max_new_tokens=4)
     assert isinstance(prediction.text, str)
-    forged = model.predict([_image()], [FORGED_TURN], processor, max_new_tokens=4, spatial=False)
+    forged = model.predict([_image()], [FORGED_TURN], processor, max_new_tokens=4, spatial_cot=False)
     assert len(forged) == 1
 
 

@@ -65,7 +65,7 @@ def _assert_same(reference: Decoded, loop: Decoded, inputs: tuple, pad_id: int, 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"require_span": True}, {"grammar": False}, {"spatial": False}],
+    [{}, {"require_span": True}, {"constrain": False}, {"spatial_cot": False}],
     ids=["constrained", "require-span", "unconstrained", "no-spatial"],
 )
 def test_loop_matches_generate_on_a_random_model_batched_with_padding(options: dict) -> None:
@@ -104,7 +104,7 @@ def test_parallel_span_decoding_is_exact_on_random_models_and_prompts(seed: int)
         model.vlm.lm_head.weight.mul_(float(rng.uniform(1.0, 20.0)))
     words = ["what", "where", "depth", "point", "red", "cube", "closest", "segment", "the", "a", "of", "is"]
     prompts = [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(3)]
-    options = [{}, {"require_span": True}, {"grammar": False}][seed % 3]
+    options = [{}, {"require_span": True}, {"constrain": False}][seed % 3]
     window = int(rng.integers(2, 12))
     reference, loop, inputs = _both(
         model, processor, _images(3, seed), prompts, budget=int(rng.integers(5, 90)), window=window, **options

@@ -35,7 +35,8 @@ def test_logits_processor_enforces_the_span_grammar() -> None:
     assert _allowed([0, 11, 13]) == codes
     assert _allowed([0, 11, 13, 14]) == {12}  # after N codes: the end only
     assert _allowed([0, 11, 13, 14, 12]) == text | {10}  # after the span: no second span, no codes
-    assert _allowed([0], spatial=False) == text
+    assert _allowed([0], spatial_cot=False) == text | {10}  # direct answering: no depth span, [SEG] stays
+    assert _allowed([0, 10], spatial_cot=False) == text | {10}
     assert _allowed([0], require_span=True) == {11}
 
 
@@ -88,12 +89,27 @@ def test_constrained_decoding_yields_well_formed_spans_with_random_weights(tiny)
             assert p.text.startswith("<DEPTH_START>") and p.text.count("<DEPTH_") == 8 * 8 + 2
 
 
-def test_direct_answering_switch_bans_spatial_tokens(tiny) -> None:  # noqa: ANN001
+def test_direct_answering_bans_the_depth_span_and_is_saved_with_the_model(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    from perceptio.models import load_model, save_model
+
     model, processor = tiny
     ids = model.config.resolved_token_ids
-    spatial = {ids.seg, ids.depth_start, ids.depth_end, *ids.code_ids}
-    for p in model.predict(_images(2), ["a", "b"], processor, spatial=False, max_new_tokens=12):
-        assert not spatial & set(p.token_ids) and p.depth is None and p.masks == []
+    span = {ids.depth_start, ids.depth_end, *ids.code_ids}
+    asked = model.predict(_images(2), ["a", "b"], processor, spatial_cot=False, require_depth_span=False)
+    assert all(not span & set(p.token_ids) and p.depth is None for p in asked)
+    spatial = model.predict(_images(2), ["a", "b"], processor, require_depth_span=True, max_new_tokens=12)
+    assert all(p.token_ids[0] == ids.depth_start for p in spatial)  # the default lets it write a span
+    model.config.spatial_cot = False  # what training writes for a model trained to answer directly
+    try:
+        save_model(model, processor, tmp_path / "direct")
+    finally:
+        model.config.spatial_cot = True
+    direct, direct_processor = load_model(tmp_path / "direct")
+    assert direct.config.spatial_cot is False
+    saved = direct.predict(_images(2), ["a", "b"], direct_processor)  # no argument: the saved setting applies
+    assert all(not span & set(p.token_ids) and p.depth is None for p in saved)
+    forced = direct.predict(_images(1), ["a"], direct_processor, spatial_cot=True, require_depth_span=True)
+    assert forced[0].token_ids[0] == ids.depth_start  # a call overrides it
 
 
 @pytest.mark.slow
@@ -145,7 +161,7 @@ def test_processor_state_resets_for_a_new_generation() -> None:
 
 
 def test_constraint_off_with_a_required_span_only_forces_the_opening() -> None:
-    processor = DepthSpanLogitsProcessor(IDS, N, 1, require_span=True, grammar=False)
+    processor = DepthSpanLogitsProcessor(IDS, N, 1, require_span=True, constrain=False)
     first = processor(torch.tensor([[0]]), torch.zeros(1, 16))
     assert set(torch.nonzero(first[0] > float("-inf")).flatten().tolist()) == {11}
     later = processor(torch.tensor([[0, 11]]), torch.zeros(1, 16))
@@ -173,5 +189,5 @@ def test_predict_in_bfloat16_and_restores_training_mode() -> None:
     (p,) = model.predict(_images(1), ["depth?"], processor, require_depth_span=True)
     assert p.depth.dtype == np.float32 and p.issues == []
     assert model.training and not model.depth_tokenizer.training
-    with pytest.raises(ValueError, match="spatial=False bans them"):
-        model.predict(_images(1), ["q"], processor, spatial=False, require_depth_span=True)
+    with pytest.raises(ValueError, match="spatial_cot=False bans it"):
+        model.predict(_images(1), ["q"], processor, spatial_cot=False, require_depth_span=True)

@@ -25,7 +25,7 @@ def test_smol_preset_builds_with_the_pretrained_language_model_and_generates() -
     assert model.vlm.get_output_embeddings().weight.data_ptr() == ours.embed_tokens.weight.data_ptr()  # still tied
     image = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
     (answer,) = model.predict(
-        [image], ["What is the capital of France? Answer in one word."], processor, spatial=False, max_new_tokens=12
+        [image], ["What is the capital of France? Answer in one word."], processor, spatial_cot=False, max_new_tokens=12
     )
     assert "Paris" in answer.answer  # the pretrained language model answers through the InternVL wrapper
     (spatial,) = model.predict(
@@ -51,7 +51,7 @@ def test_decode_loop_matches_generate_on_the_smol_language_model() -> None:
     ids = model.config.resolved_token_ids
     inputs = (model.vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     ends = {"end_id": processor.turn_end_id, "pad_id": processor.text_tokenizer.pad_token_id}
-    for options in ({}, {"grammar": False}, {"require_span": True}):
+    for options in ({}, {"constrain": False}, {"require_span": True}):
         grammar = SpanGrammar(ids, model.config.vocab.span_length, model.vlm.lm_head.out_features, **options)
         reference = reference_decode(*inputs, grammar, max_new_tokens=24, **ends)
         for window in (1, 8):

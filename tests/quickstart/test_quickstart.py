@@ -225,7 +225,7 @@ def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) ->
         run = out / "arms" / f"{arm}_seed0"
         assert json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 3
         config = (run / "config.yaml").read_text()
-        assert ("depth_cot: false" in config) == (arm == "direct")
+        assert ("spatial_cot: false" in config) == (arm == "direct")
         for split in ("val", "test"):
             assert results["arms"][arm]["splits"][split]["ciou"]["per_seed"][0] is not None
     evals = out / "arms" / "direct_seed0" / "eval"

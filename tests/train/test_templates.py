@@ -22,7 +22,7 @@ def test_referring_segmentation_puts_seg_then_depth_then_text(world_dir: Path) -
     assert sample.query in rendered.query and rendered.num_masks == 1
     seg, span, text = re.fullmatch(r"(\[SEG\]) (<DEPTH_START>.*<DEPTH_END>) (.+)", rendered.target).groups()
     np.testing.assert_array_equal(VOCAB.parse_depth_span(span), CODES)
-    direct = render_sample(sample, VOCAB, np.random.default_rng(0), depth_codes=CODES, depth_cot=False)
+    direct = render_sample(sample, VOCAB, np.random.default_rng(0), depth_codes=CODES, spatial_cot=False)
     assert direct.target.startswith("[SEG] ") and "<DEPTH" not in direct.target
 
 
@@ -30,7 +30,7 @@ def test_relative_depth_with_and_without_the_spatial_chain(world_dir: Path) -> N
     sample = read_hardblink(world_dir / "hardblink" / "train", split="train")[0]
     cot = render_sample(sample, VOCAB, np.random.default_rng(1), depth_codes=CODES)
     assert cot.query == sample.query and cot.target.startswith("<DEPTH_START>") and f"({sample.answer})" in cot.target
-    assert render_sample(sample, VOCAB, np.random.default_rng(1), depth_cot=False).target == f"({sample.answer})"
+    assert render_sample(sample, VOCAB, np.random.default_rng(1), spatial_cot=False).target == f"({sample.answer})"
     with pytest.raises(TemplateError, match="needs depth codes"):
         render_sample(sample, VOCAB, np.random.default_rng(1))
 
@@ -49,7 +49,7 @@ def test_depth_vqa_and_multiple_choice(world_dir: Path) -> None:
 
 def test_phrasings_vary_and_are_reproducible(world_dir: Path) -> None:
     sample = read_refer(world_dir, "refcoco", split="train", image_root=world_dir / "images")[0]
-    queries = {render_sample(sample, VOCAB, np.random.default_rng(k), depth_cot=False).query for k in range(20)}
+    queries = {render_sample(sample, VOCAB, np.random.default_rng(k), spatial_cot=False).query for k in range(20)}
     assert len(queries) == 3
-    first = render_sample(sample, VOCAB, np.random.default_rng(5), depth_cot=False)
-    assert render_sample(sample, VOCAB, np.random.default_rng(5), depth_cot=False) == first
+    first = render_sample(sample, VOCAB, np.random.default_rng(5), spatial_cot=False)
+    assert render_sample(sample, VOCAB, np.random.default_rng(5), spatial_cot=False) == first

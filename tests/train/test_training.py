@@ -163,7 +163,15 @@ def test_training_reduces_the_loss(policy: str, world_dir: Path, tmp_path: Path)
     assert log["task_text_loss"] and log["samples_per_s"] > 0 and sum(log["drawn"].values()) == 6 * 8
     saved = PerceptioForConditionalGeneration.from_pretrained(result.model_dir)
     assert not any("lora" in name for name in saved.state_dict()), "LoRA is merged into the saved model"
+    assert saved.config.spatial_cot is True  # the recipe writes depth spans: so will the saved model
     assert (tmp_path / policy / "config.yaml").is_file() and (tmp_path / policy / "trainable.txt").is_file()
+
+
+def test_a_model_trained_to_answer_directly_is_saved_that_way(world_dir: Path, tmp_path: Path) -> None:
+    overrides = _overrides(world_dir, tmp_path, "run.steps=1", "run.global_batch_size=4", "run.micro_batch_size=4")
+    result = train(load_config(TrainConfig, TINY, [*overrides, "data.spatial_cot=false"]), progress=False)
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["spatial_cot"] is False and saved["constrain"] is True
 
 
 def test_quick_evaluation_runs_and_is_logged(world_dir: Path, tmp_path: Path) -> None:

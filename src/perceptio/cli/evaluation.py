@@ -31,8 +31,13 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
     spatial_cot: Annotated[
-        bool, typer.Option("--spatial-cot/--no-spatial-cot", help="Let the model write spatial tokens.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--spatial-cot/--no-spatial-cot",
+            help="Let the model write a depth span before its answer, or ban it (default: the model's setting).",
+            show_default=False,
+        ),
+    ] = None,
     span_window: Annotated[
         int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
     ] = 16,
@@ -76,7 +81,7 @@ def predict(
             predictions = runner.predict(
                 [p for p, _ in chunk],
                 [q for _, q in chunk],
-                spatial=spatial_cot,
+                spatial_cot=spatial_cot,
                 batch_size=batch_size,
                 span_window=span_window,
                 compile=compile,
@@ -111,11 +116,21 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip samples already predicted.")] = False,
     spatial_cot: Annotated[
-        bool, typer.Option("--spatial-cot/--no-spatial-cot", help="Off: ban spatial tokens (direct answering).")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--spatial-cot/--no-spatial-cot",
+            help="Let the model write a depth span before its answer, or ban it (default: the model's setting).",
+            show_default=False,
+        ),
+    ] = None,
     constrain: Annotated[
-        bool, typer.Option("--constrain/--no-constrain", help="Constrain the depth-span grammar while decoding.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--constrain/--no-constrain",
+            help="Constrain the depth-span grammar while decoding (default: the model's setting, on).",
+            show_default=False,
+        ),
+    ] = None,
     span_window: Annotated[
         int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
     ] = 16,

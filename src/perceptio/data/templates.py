@@ -1,7 +1,7 @@
 """How each sample becomes a prompt and a target: the one place that decides the answer format.
 
 Order: one segmentation token per referred object, then the depth span (when the task is spatial
-and ``depth_cot`` is on), then the answer text. With ``depth_cot=False`` (direct answering, the ablation of
+and ``spatial_cot`` is on), then the answer text. With ``spatial_cot=False`` (direct answering, the ablation of
 the spatial chain of thought) no depth span is written; the segmentation token stays for referring
 segmentation, as in Sa2VA, since masks come from it.
 
@@ -59,7 +59,7 @@ def _span(vocab: PerceptionVocab, codes: np.ndarray | None, sample: Sample) -> s
     if codes is None:
         raise TemplateError(
             f"sample {sample.sample_id} ({sample.task.value}) needs depth codes for its depth span; "
-            "encode its depth map with the depth tokenizer first, or render with depth_cot=False"
+            "encode its depth map with the depth tokenizer first, or render with spatial_cot=False"
         )
     return vocab.render_depth_span(codes)
 
@@ -70,7 +70,7 @@ def render_sample(
     rng: np.random.Generator,
     *,
     depth_codes: np.ndarray | None = None,
-    depth_cot: bool = True,
+    spatial_cot: bool = True,
 ) -> RenderedSample:
     """Render one sample.
 
@@ -79,7 +79,7 @@ def render_sample(
         vocab: the perception vocabulary (its grid fixes the span length).
         rng: draws the phrasing.
         depth_codes: (h, w) codes of the sample's depth map, for tasks that write a depth span.
-        depth_cot: write the depth span before the answer on spatial tasks (False: answer directly).
+        spatial_cot: write the depth span before the answer on spatial tasks (False: answer directly).
     """
 
     def pick(options: tuple[str, ...]) -> str:
@@ -88,7 +88,7 @@ def render_sample(
     task = sample.task
     if task is Task.REFERRING_SEGMENTATION:
         parts = [vocab.seg_token * max(1, len(sample.masks))]
-        if depth_cot and depth_codes is not None:
+        if spatial_cot and depth_codes is not None:
             parts.append(_span(vocab, depth_codes, sample))
         parts.append(pick(_SEGMENT_ANSWERS))
         query = _query(sample, pick)  # drawn after the answer: the order of draws fixes a seeded run's text
@@ -98,7 +98,7 @@ def render_sample(
     if task is Task.RELATIVE_DEPTH:
         if sample.answer is None:
             raise TemplateError(f"sample {sample.sample_id} has no gold letter to train on")
-        if not depth_cot:
+        if not spatial_cot:
             return RenderedSample(_query(sample, pick), f"({sample.answer})", num_masks=0)
         answer = pick(_COT_ANSWERS).format(letter=sample.answer)
         return RenderedSample(_query(sample, pick), f"{_span(vocab, depth_codes, sample)} {answer}", num_masks=0)

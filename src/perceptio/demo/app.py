@@ -66,7 +66,9 @@ def world_examples(folder: Path, *, seed: int = 7, hardblink: Path | None = None
         if len(referring) == 2:
             break
     for sample in referring.values():
-        examples.append(DemoExample(Path(sample.image.path), render_sample(sample, vocab, rng, depth_cot=False).query))
+        examples.append(
+            DemoExample(Path(sample.image.path), render_sample(sample, vocab, rng, spatial_cot=False).query)
+        )
     marker_questions = read_hardblink(world / "hardblink" / "train", split="train")[:2]
     if hardblink is not None and Path(hardblink).is_dir():
         marker_questions += read_hardblink(hardblink)[:3]
@@ -74,7 +76,7 @@ def world_examples(folder: Path, *, seed: int = 7, hardblink: Path | None = None
     for sample in read_conversations(world / "vqa" / "train.json", image_root=world / "images")[:1]:
         examples.append(DemoExample(Path(sample.image.path), sample.query.replace("<image>", "").strip()))
     for sample in marker_questions:
-        query = render_sample(sample, vocab, rng, depth_cot=False).query
+        query = render_sample(sample, vocab, rng, spatial_cot=False).query
         examples.append(DemoExample(Path(sample.image.path), query, sample.points))
     return examples
 
@@ -99,7 +101,7 @@ class DemoModel:
         except DataError:
             return None
 
-    def answer(self, image_path: str | None, prompt: str | None, spatial: bool, constrain: bool) -> dict[str, Any]:
+    def answer(self, image_path: str | None, prompt: str | None, spatial_cot: bool, constrain: bool) -> dict[str, Any]:
         """One request: the page's outputs by name (``status`` holds a message for the user, empty when none)."""
         empty: dict[str, Any] = {
             "answer": "", "overlay": None, "depth": None, "sequence": "", "grid": "", "latency": "", "status": "",
@@ -126,7 +128,7 @@ class DemoModel:
         if SPATIAL_TOKEN_PATTERN.search(prompt) or any(marker in prompt for marker in _CHAT_MARKERS):
             notes.append("Control tokens typed in the prompt are read as plain text, not as tokens.")
         began = time.perf_counter()
-        prediction = self.model.predict(image, prompt, spatial=spatial, constrain=constrain)
+        prediction = self.model.predict(image, prompt, spatial_cot=spatial_cot, constrain=constrain)
         total = time.perf_counter() - began
         vocab = self.model.model.config.vocab
         seconds = prediction.seconds

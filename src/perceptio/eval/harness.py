@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,11 @@ def _run_eval(
         loaded, processor = load_model(settings.model, device=device)
     else:
         loaded, processor = model
+    settings = replace(  # the model's own decoding settings where the run does not override them
+        settings,
+        spatial_cot=loaded.config.spatial_cot if settings.spatial_cot is None else settings.spatial_cot,
+        constrain=loaded.config.constrain if settings.constrain is None else settings.constrain,
+    )
     final_path = out / "predictions.jsonl"
     part_path = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     protocol = _protocol(settings)
@@ -141,7 +147,7 @@ def _run_eval(
                 images,
                 prompts,
                 processor,
-                spatial=settings.spatial_cot,
+                spatial_cot=settings.spatial_cot,
                 constrain=settings.constrain,
                 require_depth_span=task.require_span(settings),
                 batch_size=settings.batch_size,

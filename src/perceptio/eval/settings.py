@@ -25,8 +25,10 @@ class EvalSettings:
             HardBLINK/BLINK: N questions spread evenly over the point counts).
         batch_size: prompts per generation batch.
         resume: keep the samples already in ``predictions.jsonl``.
-        spatial_cot: let the model write spatial tokens (False: ban them and answer directly).
-        constrain: constrain the depth-span grammar while decoding (the default, so every span is well-formed).
+        spatial_cot: let the model write a depth span before its answer (False: ban it, answer directly); None:
+            the model's own setting (``config.spatial_cot``, what it was trained to do).
+        constrain: constrain the depth-span grammar while decoding, so every span is well-formed; None: the
+            model's setting (``config.constrain``, on unless changed).
         span_window: depth-span tokens decoded per forward (exact parallel decoding; 1: one at a time).
         compile: ``torch.compile`` the decoding step (pays off over long evaluations).
         device: cpu or cuda (default: cuda when available).
@@ -42,8 +44,8 @@ class EvalSettings:
     limit: int | None = None
     batch_size: int = 8
     resume: bool = False
-    spatial_cot: bool = True
-    constrain: bool = True
+    spatial_cot: bool | None = None
+    constrain: bool | None = None
     span_window: int = 16
     compile: bool = False
     device: str | None = None

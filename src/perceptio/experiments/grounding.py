@@ -403,10 +403,10 @@ def _world_data(config: GroundingConfig, model, level: str, split: str, limit: i
             depth=world / "depth" / split,
             limit=limit,
         )
-        data = DataConfig(datasets={"data": spec}, depth_cot=True)
+        data = DataConfig(datasets={"data": spec}, spatial_cot=True)
     else:
         spec = DatasetConfig(format="refcoco", path=world, split=split, image_root=world / "images", limit=limit)
-        data = DataConfig(datasets={"data": spec}, depth_cot=False, seg_depth_span=False)
+        data = DataConfig(datasets={"data": spec}, spatial_cot=False, seg_depth_span=False)
     return TrainingData.from_config(data, model.depth_tokenizer, progress=False)
 
 

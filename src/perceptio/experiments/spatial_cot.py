@@ -4,7 +4,7 @@
 batch and seeds, and evaluates them the same way:
 
 * ``spatial``: Perceptio, segmentation token and depth span before the answer (the recipe as it is);
-* ``direct``: the same model answering directly, with no depth span before the answer (``data.depth_cot=false``;
+* ``direct``: the same model answering directly, with no depth span before the answer (``data.spatial_cot=false``;
   Sa2VA / plain-VLM style; the segmentation token stays, since masks come from it, and the depth-generation task
   stays in the mixture so both arms see the same images and depth supervision);
 * ``no_marker_count``: Perceptio without the depth marker and count losses (their weights set to 0).
@@ -46,13 +46,11 @@ class Arm:
     name: str
     description: str
     overrides: tuple[str, ...]
-    spatial: bool = True
-    """Whether the arm may write spatial tokens at evaluation (False bans them: direct answering)."""
 
 
 ARMS = (
     Arm("spatial", "spatial tokens before the answer (Perceptio)", ()),
-    Arm("direct", "direct answer, no spatial tokens before it", ("data.depth_cot=false",), spatial=False),
+    Arm("direct", "direct answer, no spatial tokens before it", ("data.spatial_cot=false",)),
     Arm(
         "no_marker_count",
         "spatial tokens, without the marker and count losses",
@@ -283,20 +281,16 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
     world = out / "world"
     eval_jobs = []
     for (arm_name, seed), run_dir in runs.items():
-        arm = next(a for a in ARMS if a.name == arm_name)
         for task, data, splits in EVALS:
             for split in splits:
                 target = run_dir / "eval" / f"{task}_{split}"
-                # The direct arm bans the depth span, not the segmentation token its masks come from.
-                spatial = arm.spatial or task == "refcoco"
                 command = [
                     sys.executable, "-m", "perceptio", "eval", task,
                     "--model", str(run_dir / "model"),
                     "--data", str(world / data.format(split=split)),
                     "--out", str(target),
                     "--split", split,
-                    "--no-constrain",
-                    "--spatial-cot" if spatial else "--no-spatial-cot",
+                    "--no-constrain",  # the direct arm's model bans the depth span itself: it was saved that way
                     "--batch-size", "16",
                 ]  # fmt: skip
                 if task in ("refcoco", "vqa"):

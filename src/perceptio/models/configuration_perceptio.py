@@ -51,6 +51,12 @@ class PerceptioConfig(PretrainedConfig):
             multiplied by a learned gain that starts at this value, so the prompt reaches SAM2's mask decoder at the
             scale of its own point-prompt tokens (about 0.5 for the tiny SAM2) whatever the language model's hidden
             scale. None: the MLP output as it is.
+        spatial_cot: the model writes a depth span before its answer on spatial questions (the spatial chain of
+            thought; training sets it from the recipe's ``data.spatial_cot`` when it saves the model). False: it
+            was trained to answer directly, and decoding bans the depth span (segmentation tokens stay: referring
+            segmentation answers with them). ``predict(spatial_cot=...)`` and ``--spatial-cot`` override it.
+        constrain: decoding enforces the depth-span grammar, so every span is well-formed (``predict(constrain=
+            False)`` / ``--no-constrain`` measure how often spans are malformed without it).
     """
 
     model_type = "perceptio"
@@ -69,6 +75,8 @@ class PerceptioConfig(PretrainedConfig):
         vision_init_std: float | None = None,
         seg_prompt_rms: float | None = None,
         image_token_pos: str = "none",
+        spatial_cot: bool = True,
+        constrain: bool = True,
         **kwargs: Any,
     ) -> None:
         self.vlm_config = (
@@ -90,6 +98,8 @@ class PerceptioConfig(PretrainedConfig):
         self.token_ids = dict(token_ids) if token_ids else None
         self.seg_hidden_dim = seg_hidden_dim
         self.seg_multimask = bool(seg_multimask)
+        self.spatial_cot = bool(spatial_cot)
+        self.constrain = bool(constrain)
         if image_token_norm not in IMAGE_TOKEN_NORMS:
             raise ValueError(f"image_token_norm must be one of {IMAGE_TOKEN_NORMS}, got {image_token_norm!r}")
         self.image_token_norm = image_token_norm

@@ -262,9 +262,9 @@ def reference_decode(
         grammar.ids,
         grammar.span_length,
         input_ids.shape[1],
-        spatial=grammar.spatial,
+        spatial_cot=grammar.spatial_cot,
         require_span=grammar.require_span,
-        grammar=grammar.grammar,
+        constrain=grammar.constrain,
     )
     sequences = vlm.generate(
         input_ids=input_ids,

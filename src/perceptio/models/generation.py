@@ -3,9 +3,10 @@
 :class:`SpanGrammar` holds the grammar enforced while decoding: outside a span, no codes and no end marker;
 after the start marker, exactly N codes, then the end marker; at most one span. It is a few precomputed tensors
 (a transition table and one bias row per state), used by the decode loop of :mod:`perceptio.models.decoding`
-and, through :class:`DepthSpanLogitsProcessor`, by transformers' ``generate``. ``spatial=False`` bans every
-spatial token (direct answering, for ablations), and ``require_span=True`` makes the first generated token the
-start marker (for tasks whose answer opens with the depth span).
+and, through :class:`DepthSpanLogitsProcessor`, by transformers' ``generate``. ``spatial_cot=False`` bans the
+depth span (a model that answers directly; segmentation tokens stay, since referring segmentation answers with
+them), and ``require_span=True`` makes the first generated token the start marker (for tasks whose answer opens
+with the depth span).
 
 :func:`parse_generated` turns generated ids into the answer text, the segmentation-token positions and the
 depth codes, recording malformed spans as issues rather than raising, so an evaluation never stops on a bad
@@ -38,14 +39,15 @@ class SpanGrammar:
         token_ids: the perception-token ids.
         span_length: N, codes per span.
         vocab_size: width of the logits.
-        spatial: False bans every spatial token (segmentation token included): direct answering.
+        spatial_cot: False bans the depth span (its markers and codes): direct answering. Segmentation tokens
+            stay allowed (referring segmentation answers with them).
         require_span: the first generated token is the span's start marker.
-        grammar: enforce the span grammar (False: only ``spatial`` and ``require_span`` apply, to measure the
-            constraint's effect).
+        constrain: enforce the span grammar (False: only ``spatial_cot`` and ``require_span`` apply, to measure
+            the constraint's effect).
     """
 
     # additive-bias rows
-    _BEFORE, _INSIDE, _FULL, _AFTER, _FIRST, _NO_SPATIAL, _FREE = range(7)
+    _BEFORE, _INSIDE, _FULL, _AFTER, _FIRST, _NO_SPAN, _FREE = range(7)
 
     def __init__(
         self,
@@ -53,17 +55,17 @@ class SpanGrammar:
         span_length: int,
         vocab_size: int,
         *,
-        spatial: bool = True,
+        spatial_cot: bool = True,
         require_span: bool = False,
-        grammar: bool = True,
+        constrain: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if require_span and not spatial:
-            raise ValueError("require_span=True asks for a spatial token, but spatial=False bans them")
+        if require_span and not spatial_cot:
+            raise ValueError("require_span=True asks for a depth span, but spatial_cot=False bans it")
         self.ids = token_ids
         self.span_length = span_length
-        self.spatial, self.require_span, self.grammar = spatial, require_span, grammar
+        self.spatial_cot, self.require_span, self.constrain = spatial_cot, require_span, constrain
         n = span_length
         self.after = n + 2
         codes = slice(token_ids.first_code, token_ids.first_code + token_ids.num_depth_codes)
@@ -88,11 +90,11 @@ class SpanGrammar:
         banned[self._AFTER, token_ids.depth_start] = True  # at most one span
         banned[self._FIRST] = True
         banned[self._FIRST, token_ids.depth_start] = False
-        banned[self._NO_SPATIAL, codes] = True
-        banned[self._NO_SPATIAL, [token_ids.seg, token_ids.depth_start, token_ids.depth_end]] = True
-        if not spatial:
-            row_of_state = torch.full((n + 3,), self._NO_SPATIAL)
-        elif not grammar:
+        banned[self._NO_SPAN, codes] = True
+        banned[self._NO_SPAN, [token_ids.depth_start, token_ids.depth_end]] = True
+        if not spatial_cot:
+            row_of_state = torch.full((n + 3,), self._NO_SPAN)
+        elif not constrain:
             row_of_state = torch.full((n + 3,), self._FREE)
         else:
             row_of_state = torch.full((n + 3,), self._INSIDE)
@@ -129,7 +131,7 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         token_ids: the perception-token ids.
         span_length: N, codes per span.
         prompt_length: length of the (padded) prompt; tokens after it are the generated ones.
-        spatial, require_span, grammar: as in :class:`SpanGrammar`.
+        spatial_cot, require_span, constrain: as in :class:`SpanGrammar`.
 
     One instance serves one ``generate`` call; a new call (a sequence no longer than the last one seen, or
     another batch size) starts from a fresh state. It reads only the newest tokens at each step, so its cost
@@ -142,14 +144,14 @@ class DepthSpanLogitsProcessor(LogitsProcessor):
         span_length: int,
         prompt_length: int,
         *,
-        spatial: bool = True,
+        spatial_cot: bool = True,
         require_span: bool = False,
-        grammar: bool = True,
+        constrain: bool = True,
     ) -> None:
         self.ids = token_ids
         self.span_length = span_length
         self.prompt_length = prompt_length
-        self.options = {"spatial": spatial, "require_span": require_span, "grammar": grammar}
+        self.options = {"spatial_cot": spatial_cot, "require_span": require_span, "constrain": constrain}
         self._grammar: SpanGrammar | None = None
         self._state: torch.Tensor | None = None
         self._seen = prompt_length

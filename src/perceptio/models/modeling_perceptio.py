@@ -612,8 +612,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         processor: PerceptioProcessor,
         *,
         max_new_tokens: int | None = None,
-        constrain: bool = True,
-        spatial: bool = True,
+        constrain: bool | None = None,
+        spatial_cot: bool | None = None,
         require_depth_span: bool = False,
         batch_size: int = 8,
         span_window: int = 16,
@@ -626,8 +626,10 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             prompts: the queries.
             processor: the model's processor (text tokenizer, image preprocessing).
             max_new_tokens: generation budget (default: a depth span plus 32 tokens).
-            constrain: enforce the depth-span grammar while decoding (off: measure its effect).
-            spatial: False bans every spatial token (direct answering).
+            constrain: enforce the depth-span grammar while decoding (off: measure its effect); None: the
+                model's ``config.constrain``.
+            spatial_cot: False bans the depth span (direct answering; segmentation tokens stay); None: the
+                model's ``config.spatial_cot``, i.e. what it was trained to do.
             require_depth_span: make every answer open with a depth span.
             batch_size: prompts per generation batch (left padding, KV cache).
             span_window: W > 1 decodes the depth span up to W tokens per forward (guess, check, accept up to the
@@ -642,8 +644,10 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; one image per prompt")
-        if require_depth_span and not spatial:
-            raise ValueError("require_depth_span=True asks for a spatial token, but spatial=False bans them")
+        constrain = self.config.constrain if constrain is None else constrain
+        spatial_cot = self.config.spatial_cot if spatial_cot is None else spatial_cot
+        if require_depth_span and not spatial_cot:
+            raise ValueError("require_depth_span=True asks for a depth span, but spatial_cot=False bans it")
         self.check_text_tokenizer(processor.text_tokenizer)
         was_training = self.training
         self.eval()
@@ -653,7 +657,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = slice(start, start + batch_size)
-                args = (processor, budget, constrain, spatial, require_depth_span, span_window, compile)
+                args = (processor, budget, constrain, spatial_cot, require_depth_span, span_window, compile)
                 out += self._predict_batch(list(images[chunk]), list(prompts[chunk]), *args)
         finally:
             self.train(was_training)  # predict() in the middle of training leaves the mode as it found it
@@ -666,7 +670,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         processor: PerceptioProcessor,
         budget: int,
         constrain: bool,
-        spatial: bool,
+        spatial_cot: bool,
         require_span: bool,
         span_window: int,
         compile: bool,
@@ -680,9 +684,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             ids,
             span_length,
             self.vlm.lm_head.out_features,
-            spatial=spatial,
+            spatial_cot=spatial_cot,
             require_span=require_span,
-            grammar=constrain,
+            constrain=constrain,
             device=device,
         )
         began = time.perf_counter()

@@ -127,7 +127,7 @@ class DataConfig:
     """Name -> ``[[step, weight], ...]``: a weight that changes with the optimiser step (linear in between)."""
     root: Path | None = None
     """Base folder of relative dataset paths."""
-    depth_cot: bool = True
+    spatial_cot: bool = True
     """Write the depth span before the answer on spatial tasks (False: answer directly)."""
     seg_depth_span: bool = True
     """Referring-segmentation targets carry the depth span after the segmentation token (the answer order)."""

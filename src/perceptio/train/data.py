@@ -98,9 +98,9 @@ def needs_depth_span(sample: Sample, config: DataConfig) -> bool:
     if sample.task is Task.DEPTH:
         return True
     if sample.task is Task.RELATIVE_DEPTH:
-        return config.depth_cot
+        return config.spatial_cot
     if sample.task is Task.REFERRING_SEGMENTATION:
-        return config.depth_cot and config.seg_depth_span
+        return config.spatial_cot and config.seg_depth_span
     return False
 
 
@@ -244,7 +244,7 @@ class TrainingData:
                         item=sample.sample_id,
                         fix=f"set data.datasets.{name}.depth to a folder of depth maps named after the images, "
                         "set data.teacher to a local Depth Anything checkpoint, or turn spans off "
-                        "(data.depth_cot=false / data.seg_depth_span=false)",
+                        "(data.spatial_cot=false / data.seg_depth_span=false)",
                     )
                 groups.setdefault(key, []).append(k)
             firsts = [samples[members[0]] for members in groups.values()]
@@ -275,7 +275,7 @@ class TrainingData:
         """Render sample ``index`` of dataset ``name`` (phrasing drawn from ``rng``)."""
         sample = self.datasets[name][index]
         codes = self.codes[name][index]
-        rendered = render_sample(sample, self.vocab, rng, depth_codes=codes, depth_cot=self.config.depth_cot)
+        rendered = render_sample(sample, self.vocab, rng, depth_codes=codes, spatial_cot=self.config.spatial_cot)
         image = sample.image.load()
         masks = None
         if rendered.num_masks:

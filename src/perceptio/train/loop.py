@@ -468,6 +468,7 @@ def _train(
         last_eval = _evaluate(engine, processor, eval_data, config, ctx, run.steps, eval_path, writer)
     final = _final_model(engine, config, ctx)
     if ctx.main:
+        final.config.spatial_cot = config.data.spatial_cot  # what it was trained to write: its decoding default
         model_dir = save_model(final, processor, out_dir / "model")
         summary = {
             "steps": run.steps,

@@ -41,7 +41,7 @@ def quick_eval(
         chosen = dataset[:samples]
         codes = data.codes[name]
         queries = [
-            render_sample(s, data.vocab, rng, depth_codes=codes[k], depth_cot=data.config.depth_cot).query
+            render_sample(s, data.vocab, rng, depth_codes=codes[k], spatial_cot=data.config.spatial_cot).query
             for k, s in enumerate(chosen)
         ]
         images = [s.image.load() for s in chosen]
