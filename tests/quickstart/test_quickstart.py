@@ -231,8 +231,11 @@ def test_spatial_cot_experiment_trains_and_tabulates_the_arms(tmp_path: Path) ->
     evals = out / "arms" / "direct_seed0" / "eval"
     settings = json.loads((evals / "hardblink_test" / "eval_settings.json").read_text())
     assert settings["spatial_cot"] is False and settings["constrained_decoding"] is False
-    # the direct arm answers without a depth span but still segments through its segmentation token
-    assert json.loads((evals / "refcoco_val" / "eval_settings.json").read_text())["spatial_cot"] is True
+    # the direct arm's saved model answers without a depth span on every task (its segmentation token stays
+    # allowed: tests/model/test_generation.py), with no per-task switch from the experiment
+    assert json.loads((evals / "refcoco_val" / "eval_settings.json").read_text())["spatial_cot"] is False
+    spatial = json.loads((out / "arms" / "spatial_seed0" / "eval" / "refcoco_val" / "eval_settings.json").read_text())
+    assert spatial["spatial_cot"] is True
     table = (out / "results.md").read_text()
     assert "| spatial |" in table and "| direct |" in table and "## test split" in table
     assert "| majority answer |" in table

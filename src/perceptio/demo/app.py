@@ -173,8 +173,9 @@ def build_demo(demo_model: DemoModel):  # noqa: ANN201 - gradio.Blocks (gradio i
                 preview = gr.Image(label="input", interactive=False, elem_id="input-preview", height=220)
                 prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt")
                 with gr.Row():
-                    spatial = gr.Checkbox(value=True, label="spatial chain of thought", elem_id="spatial")
-                    constrain = gr.Checkbox(value=True, label="constrained decoding", elem_id="constrain")
+                    config = demo_model.model.model.config  # the model's own settings are the page's defaults
+                    spatial = gr.Checkbox(value=config.spatial_cot, label="spatial chain of thought", elem_id="spatial")
+                    constrain = gr.Checkbox(value=config.constrain, label="constrained decoding", elem_id="constrain")
                 submit = gr.Button("Answer", variant="primary", elem_id="submit")
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
