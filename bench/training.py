@@ -8,22 +8,65 @@ logs (`train_log.jsonl`, `eval_log.jsonl`, `training.json`):
 
 The tiny recipe needs the quickstart world and tokenizer (`runs/quickstart/world`, `runs/quickstart/tokenizer`);
 pass overrides such as `data.root=...` for others.
+
+Before/after in one run: ``--compare KEY --values A,B [--steps N]`` trains the recipe N steps once per value of
+the recipe key (fresh run folders under ``runs/bench_training``), then prints samples/s of each, the ratio to the
+first, and whether the logged losses are identical (the first 50 log lines, side by side):
+
+    .venv/bin/python bench/training.py --compare run.data_workers --values 0,1 --steps 60
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
+def compare(config: Path, key: str, values: list[str], steps: int, overrides: list[str]) -> None:
+    """Train ``steps`` steps per value of ``key`` and print speed and loss agreement."""
+    from perceptio.utils.jsonl import read_jsonl
+
+    logs = {}
+    for value in values:
+        out = Path("runs/bench_training") / f"{key}={value}"
+        command = [sys.executable, "-m", "perceptio", "train", "--config", str(config), "--overwrite", *overrides]
+        command += [f"run.steps={steps}", "run.log_every=1", "run.checkpoint_every=0", "eval.every=0"]
+        command += [f"run.out_dir={out}", f"{key}={value}"]
+        print("running:", " ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        logs[value] = read_jsonl(out / "train_log.jsonl")
+    print(f"\n| {key} | samples/s (steps 6 on) | ratio |")
+    print("|---|---|---|")
+    rates = {}
+    for value, log in logs.items():
+        done = [line for line in log if line["step"] > 5]
+        seconds = sum(1 / line["samples_per_s"] for line in done)  # each line is one step of the same batch size
+        rates[value] = len(done) / seconds
+        print(f"| {value} | {rates[value]:.1f} | {rates[value] / rates[values[0]]:.2f}x |")
+    first = [line["loss"] for line in logs[values[0]]][:50]
+    for value in values[1:]:
+        other = [line["loss"] for line in logs[value]][:50]
+        print(f"losses of {key}={value} identical to {key}={values[0]} (first {len(first)} steps): {other == first}")
+    print("\nstep | " + " | ".join(f"{key}={v}" for v in values))
+    for k in range(min(len(first), 50)):
+        print(f"{k + 1} | " + " | ".join(f"{logs[v][k]['loss']:.6f}" for v in values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/tiny_synth.yaml"))
+    parser.add_argument("--compare", metavar="KEY", help="a recipe key to compare values of (before/after)")
+    parser.add_argument("--values", default="", help="comma-separated values of --compare")
+    parser.add_argument("--steps", type=int, default=60, help="steps per value of --compare")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     args = parser.parse_args()
+    if args.compare:
+        compare(args.config, args.compare, args.values.split(","), args.steps, args.overrides)
+        return
 
     from perceptio.config import load_config
     from perceptio.train.config import TrainConfig

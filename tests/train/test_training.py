@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,33 @@ def test_a_model_trained_to_answer_directly_is_saved_that_way(world_dir: Path, t
     result = train(load_config(TrainConfig, TINY, [*overrides, "data.spatial_cot=false"]), progress=False)
     saved = json.loads((result.model_dir / "config.json").read_text())
     assert saved["spatial_cot"] is False and saved["constrain"] is True
+
+
+def test_data_workers_prepare_the_same_batches(world_dir: Path, tmp_path: Path) -> None:
+    """Batches prepared ahead in worker processes give the same losses, task losses and weights, also on resume."""
+    extra = ["run.steps=4", "run.global_batch_size=4", "run.micro_batch_size=2", "run.checkpoint_every=2"]
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        recipe = load_config(TrainConfig, TINY, [*_overrides(world_dir, out, *extra), f"run.data_workers={workers}"])
+        train(recipe, progress=False)
+        runs[workers] = out
+    logs = {
+        w: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] for w, out in runs.items()
+    }
+    assert [(r["loss"], r["task_text_loss"], r["drawn"]) for r in logs[0]] == [
+        (r["loss"], r["task_text_loss"], r["drawn"]) for r in logs[2]
+    ]
+    weights = [load_file(out / "model" / "model.safetensors") for out in runs.values()]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # resumed from step 2 with workers: the remaining steps are drawn from step 2 on
+    resumed = tmp_path / "resumed"
+    config = load_config(TrainConfig, TINY, [*_overrides(world_dir, resumed, *extra), "run.data_workers=1"])
+    shutil.copytree(runs[0] / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
+    for name in ("config.yaml", "train_log.jsonl"):
+        shutil.copy(runs[0] / name, resumed / name)
+    train(config, resume=True, progress=False)
+    assert _losses(resumed) == [r["loss"] for r in logs[0]]
 
 
 def test_quick_evaluation_runs_and_is_logged(world_dir: Path, tmp_path: Path) -> None:

@@ -238,6 +238,9 @@ class RunConfig:
     """Steps between lines of ``train_log.jsonl``."""
     threads: int | None = None
     """torch CPU threads per process (default: torch's choice)."""
+    data_workers: int = 0
+    """Processes that prepare the next steps' batches (drawing, decoding, collating) while the model trains on
+    the current one; 0: prepare each batch in the training process. The batches are the same either way."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "keep_checkpoints", "log_every"):
@@ -247,6 +250,8 @@ class RunConfig:
             raise ValueError(f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"run.threads must be at least 1 (or null for torch's choice), got {self.threads}")
+        if self.data_workers < 0:
+            raise ValueError(f"run.data_workers must be >= 0, got {self.data_workers}")
         if self.micro_batch_size <= self.global_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"run.global_batch_size {self.global_batch_size} is not a multiple of run.micro_batch_size "

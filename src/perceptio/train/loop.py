@@ -70,6 +70,7 @@ _RESUMABLE_CHANGES = (
     "run.keep_checkpoints",
     "run.device",
     "run.threads",
+    "run.data_workers",
     "eval",
     "optim.lr",  # the usual fixes after a non-finite loss: they change the trajectory from the checkpoint on
     "optim.warmup_ratio",
@@ -256,6 +257,45 @@ def train(
         return _train(config, resume=resume, overwrite=overwrite, progress=progress, cache_dir=cache_dir)
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """This process's batches of each training step from ``start`` on: the names of the datasets drawn, then per
+    micro batch of this rank (chunk index, the examples' tasks, the collated batch with ``gt_masks``). Every example
+    draws from a generator seeded with (seed, step, position), so the batches are the same whichever process
+    prepares them and whenever."""
+
+    def __init__(self, sampler, data, processor, run, rank: int, world: int, start: int) -> None:  # noqa: ANN001
+        self.sampler, self.data, self.processor, self.run = sampler, data, processor, run
+        self.rank, self.world, self.start = rank, world, start
+
+    def __len__(self) -> int:
+        return self.run.steps - self.start
+
+    def __getitem__(self, index: int) -> tuple[list[str], list[tuple[int, list[str], dict]]]:
+        run, step = self.run, self.start + index
+        pairs = self.sampler.batch(step, run.global_batch_size)
+        chunks = [list(range(k, k + run.micro_batch_size)) for k in range(0, len(pairs), run.micro_batch_size)]
+        mine = []
+        for chunk_index, chunk in enumerate(chunks):
+            if chunk_index % self.world != self.rank:
+                continue
+            examples = [self.data.example(*pairs[p], np.random.default_rng([run.seed, step, p])) for p in chunk]
+            mine.append((chunk_index, [e.task for e in examples], collate(examples, self.processor)))
+        return [name for name, _ in pairs], mine
+
+    def __iter__(self):  # noqa: ANN204 - in-process preparation, one step at a time
+        return (self[i] for i in range(len(self)))
+
+    def loader(self, workers: int) -> torch.utils.data.DataLoader:
+        """Prepared ahead by ``workers`` processes (two steps each), in step order."""
+        return torch.utils.data.DataLoader(
+            self, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2, worker_init_fn=_one_thread
+        )
+
+
+def _one_thread(_: int) -> None:  # a data worker's torch work is small: do not compete with training for cores
+    torch.set_num_threads(1)
+
+
 def _train(
     config: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, cache_dir: Path | None
 ) -> TrainResult:
@@ -365,22 +405,18 @@ def _train(
     seconds = 0.0
     began = time.perf_counter()
     trainable.train()
+    steps = _StepBatches(sampler, data, processor, run, ctx.rank, ctx.world, start)
+    prepared = iter(steps) if not run.data_workers else iter(steps.loader(run.data_workers))
     for step in bar:
         tick = time.perf_counter()
         factor = warmup_cosine(step, warmup_steps=warmup, total_steps=run.steps, min_lr_ratio=config.optim.min_lr_ratio)
         lr = config.optim.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pairs = sampler.batch(step, run.global_batch_size)
-        drawn.update(name for name, _ in pairs)
-        chunks = [list(range(k, k + run.micro_batch_size)) for k in range(0, len(pairs), run.micro_batch_size)]
-        mine = [(k, chunk) for k, chunk in enumerate(chunks) if k % ctx.world == ctx.rank]
+        names, mine = next(prepared)
+        drawn.update(names)
         sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
-        for j, (chunk_index, chunk) in enumerate(mine):
-            examples = [
-                data.example(*pairs[position], np.random.default_rng([run.seed, step, position])) for position in chunk
-            ]
-            batch = collate(examples, processor)
+        for j, (chunk_index, tasks, batch) in enumerate(mine):
             gt_masks = batch.pop("gt_masks")
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             torch.manual_seed(run.seed * 1_000_003 + step * 1_009 + chunk_index)  # dropout, the same on any layout
@@ -396,9 +432,9 @@ def _train(
                 sums[i + 1] += output.loss_terms[name].detach().double().cpu()
             with torch.no_grad():
                 per_sample = _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist()
-            for example, value in zip(examples, per_sample, strict=True):
-                task_window[example.task][0] += value
-                task_window[example.task][1] += 1
+            for task, value in zip(tasks, per_sample, strict=True):
+                task_window[task][0] += value
+                task_window[task][1] += 1
         if ctx.active:
             dist.all_reduce(sums)
         sums /= accumulation * ctx.world
