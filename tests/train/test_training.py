@@ -106,6 +106,7 @@ def test_paper_recipes_build_on_same_architecture_checkpoints(recipe: Path, tiny
         (["data.weights={nope: 1}"], "data.weights names ['nope']"),
         (["run.micro_batch_size=64"], "exceeds run.global_batch_size"),
         (["trainable.default=half"], "'half' is not one of"),
+        (["run.data_workers=-1"], "run.data_workers must be >= 0"),
         (["data.datasets.vqa.format=coco"], "data.datasets.vqa.format: 'coco' is not one of"),
     ],
 )

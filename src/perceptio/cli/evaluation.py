@@ -17,6 +17,20 @@ from perceptio.cli._common import (
     print_table,
 )
 
+# Decoding options shared by `predict` and `eval`.
+SpatialCot = Annotated[
+    bool | None,
+    typer.Option(
+        "--spatial-cot/--no-spatial-cot",
+        help="Let the model write a depth span before its answer, or ban it (default: the model's setting).",
+        show_default=False,
+    ),
+]
+SpanWindow = Annotated[
+    int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
+]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")]
+
 
 def predict(
     out: Annotated[Path, typer.Option(help="Output folder: one sub-folder of files per (image, prompt).")],
@@ -30,20 +44,9 @@ def predict(
         Path | None, typer.Option(help='A JSONL file of {"image": PATH, "prompt": TEXT} lines (paths relative to it).')
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
-    spatial_cot: Annotated[
-        bool | None,
-        typer.Option(
-            "--spatial-cot/--no-spatial-cot",
-            help="Let the model write a depth span before its answer, or ban it (default: the model's setting).",
-            show_default=False,
-        ),
-    ] = None,
-    span_window: Annotated[
-        int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
-    ] = 16,
-    compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
-    ] = False,
+    spatial_cot: SpatialCot = None,
+    span_window: SpanWindow = 16,
+    compile: Compile = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
     """Answer prompts about images; write the answer, raw sequence, masks, overlay and depth map for each.
@@ -115,14 +118,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip samples already predicted.")] = False,
-    spatial_cot: Annotated[
-        bool | None,
-        typer.Option(
-            "--spatial-cot/--no-spatial-cot",
-            help="Let the model write a depth span before its answer, or ban it (default: the model's setting).",
-            show_default=False,
-        ),
-    ] = None,
+    spatial_cot: SpatialCot = None,
     constrain: Annotated[
         bool | None,
         typer.Option(
@@ -131,12 +127,8 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    span_window: Annotated[
-        int, typer.Option(min=1, help="Depth-span tokens decoded per forward (exact; 1: one at a time).")
-    ] = 16,
-    compile: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="torch.compile the decoding step (long runs).")
-    ] = False,
+    span_window: SpanWindow = 16,
+    compile: Compile = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), metrics.json and a summary table. Under

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from perceptio.eval.settings import EvalSettings
     from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration, Prediction
 
-__all__ = ["REGISTRY", "EvalTask", "UnknownTaskError", "get_task", "register"]
+__all__ = ["REGISTRY", "EvalTask", "UnknownTaskError", "get_task", "letter_score", "register"]
 
 
 class EvalTask:
@@ -91,3 +91,18 @@ def get_task(name: str) -> EvalTask:
         return REGISTRY[name]
     except KeyError:
         raise UnknownTaskError(f"unknown task {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def letter_score(sample: Sample, answer: str, *, choices: list[str] | None = None) -> dict[str, Any]:
+    """The score fields of a lettered question: the extracted letter, how it was found, and whether it is right."""
+    from perceptio.eval.extract import parse_answer
+
+    parsed = parse_answer(answer, len(sample.letters), choices=choices)
+    return {
+        "letter": parsed.letter,
+        "label": parsed.label,
+        "rule": parsed.rule,
+        "gold": sample.answer,
+        "correct": parsed.letter is not None and parsed.letter == sample.answer,
+        "num_options": len(sample.letters),
+    }

@@ -8,9 +8,8 @@ from typing import Any
 from perceptio.data.errors import DataError
 from perceptio.data.readers import read_mmbench
 from perceptio.data.schema import Sample
-from perceptio.eval.extract import parse_answer
 from perceptio.eval.metrics import MMBenchRecord, score_mmbench
-from perceptio.eval.tasks.base import EvalTask, register
+from perceptio.eval.tasks.base import EvalTask, letter_score, register
 
 __all__ = ["MMBench", "export_vlmevalkit"]
 
@@ -39,15 +38,8 @@ class MMBench(EvalTask):
         return [s for s in samples if s.meta["g_index"] in kept]
 
     def score(self, sample, prediction, context, model) -> dict[str, Any]:  # noqa: ANN001
-        letters = sample.letters
-        parsed = parse_answer(prediction.answer, len(letters), choices=sample.choices)
         return {
-            "letter": parsed.letter,
-            "label": parsed.label,
-            "rule": parsed.rule,
-            "gold": sample.answer,
-            "correct": parsed.letter is not None and parsed.letter == sample.answer,
-            "num_options": len(letters),
+            **letter_score(sample, prediction.answer, choices=sample.choices),
             "index": sample.meta.get("index"),
             "category": sample.meta.get("category"),
             "l2_category": sample.meta.get("l2_category"),

@@ -10,9 +10,8 @@ import numpy as np
 from perceptio.data.errors import DataError
 from perceptio.data.readers import read_blink, read_hardblink
 from perceptio.data.schema import Sample
-from perceptio.eval.extract import parse_answer
 from perceptio.eval.metrics import RelativeDepthMeter
-from perceptio.eval.tasks.base import EvalTask, register
+from perceptio.eval.tasks.base import EvalTask, letter_score, register
 
 __all__ = ["BLINK", "HardBLINK", "balance_point_counts"]
 
@@ -51,17 +50,10 @@ class _RelativeDepth(EvalTask):
         return balance_point_counts(samples, limit)
 
     def score(self, sample, prediction, context, model) -> dict[str, Any]:  # noqa: ANN001
-        letters = sample.letters
-        parsed = parse_answer(prediction.answer, len(letters))
         programmatic = _programmatic(sample, prediction)
         return {
-            "letter": parsed.letter,
-            "label": parsed.label,
-            "rule": parsed.rule,
-            "gold": sample.answer,
-            "correct": parsed.letter is not None and parsed.letter == sample.answer,
-            "num_options": len(letters),
-            "point_count": len(letters),
+            **letter_score(sample, prediction.answer),
+            "point_count": len(sample.letters),
             "programmatic": programmatic,
             "programmatic_correct": None if programmatic is None else programmatic == sample.answer,
         }
