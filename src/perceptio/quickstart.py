@@ -436,7 +436,7 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
 
 def _train(config: QuickstartConfig, recipe, resume: bool) -> None:  # noqa: ANN001 - TrainConfig
     from perceptio.tokenizers.depth.pipeline import default_cache_dir
-    from perceptio.train.checkpoint import latest_checkpoint
+    from perceptio.utils.checkpoints import latest_checkpoint
     from perceptio.train.loop import train
 
     resume = resume and latest_checkpoint(recipe.run.out_dir) is not None

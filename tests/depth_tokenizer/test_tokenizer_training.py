@@ -65,8 +65,11 @@ def test_resume_between_log_lines_and_refused_changes(tmp_path: Path) -> None:
     train_tokenizer(maps, SMALL, config, killed, resume=True, progress=False)
     assert (killed / "train_log.jsonl").read_text() == (tmp_path / "full" / "train_log.jsonl").read_text()
     changed = TokenizerTrainConfig(**{**config.__dict__, "lr": 5e-4})
-    with pytest.raises(ValueError, match=r"cannot resume with other settings: lr \(checkpoint 0.001, now 0.0005\)"):
+    with pytest.raises(ValueError, match=r"cannot resume with other settings: train.lr \(saved 0.001, now 0.0005\)"):
         train_tokenizer(maps, SMALL, changed, killed, resume=True, progress=False)
+    other = DepthTokenizerConfig(**{**SMALL.to_dict(), "num_codes": 32})
+    with pytest.raises(ValueError, match=r"model.num_codes \(saved 16, now 32\)"):
+        train_tokenizer(maps, other, config, killed, resume=True, progress=False)
     with pytest.raises(ValueError, match="training maps differ"):
         train_tokenizer(maps[::-1].copy(), SMALL, config, killed, resume=True, progress=False)
 

@@ -171,3 +171,14 @@ def test_log_records_are_identical_after_a_resume_between_log_lines(world_dir: P
 
     assert [r["step"] for r in records(killed)] == [3, 6, 9]
     assert records(killed) == records(straight)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_name(tmp_path: Path) -> None:
+    """A depth-tokenizer checkpoint of the old layout (model.safetensors, optimizer_groups.json) names what is
+    missing instead of failing on a file it cannot find."""
+    from perceptio.utils.checkpoints import load_checkpoint
+
+    folder = _checkpoint(tmp_path, 2)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"step-0000002 has no aliases.json, optimizer.safetensors, optimizer.json"):
+        load_checkpoint(folder, model, torch.optim.Adam(model.parameters()))

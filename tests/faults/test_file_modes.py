@@ -11,7 +11,7 @@ import torch
 
 from perceptio.models.build import build_preset, save_model
 from perceptio.tokenizers.depth import DepthTokenizer, DepthTokenizerConfig
-from perceptio.train.checkpoint import save_checkpoint
+from perceptio.utils.checkpoints import save_checkpoint
 
 
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])

@@ -253,7 +253,7 @@ def test_resume_refuses_another_recipe(world_dir: Path, tmp_path: Path) -> None:
     train(load_config(TrainConfig, TINY, base), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(load_config(TrainConfig, TINY, base), progress=False)
-    with pytest.raises(ValueError, match=r"optim.weight_decay \(checkpoint 0.01, now 0.5\)"):
+    with pytest.raises(ValueError, match=r"optim.weight_decay \(saved 0.01, now 0.5\)"):
         train(load_config(TrainConfig, TINY, [*base, "optim.weight_decay=0.5"]), resume=True, progress=False)
     # the learning rate may change on resume (the advice after a non-finite loss), and --overwrite starts afresh
     train(load_config(TrainConfig, TINY, [*base, "optim.lr=2e-3"]), resume=True, progress=False)

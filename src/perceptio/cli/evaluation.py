@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -135,9 +134,10 @@ def evaluate(
     torchrun each process takes a shard."""
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import EvalSettings, IncompleteEvaluationError, run_eval
+    from perceptio.utils.distributed import launched_by_torchrun
     from perceptio.utils.runlock import RunFolderLockedError
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = launched_by_torchrun()
     try:
         settings = EvalSettings(
             task=task,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -38,9 +37,10 @@ def train(
     from perceptio.tokenizers.depth.pipeline import default_cache_dir
     from perceptio.train.config import TrainConfig
     from perceptio.train.loop import train as run_training
+    from perceptio.utils.distributed import launched_by_torchrun
     from perceptio.utils.runlock import RunFolderLockedError
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = launched_by_torchrun()
     try:
         recipe = load_config(TrainConfig, config, overrides or [])
         result = run_training(recipe, resume=resume, overwrite=overwrite, cache_dir=cache_dir or default_cache_dir())

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
@@ -32,7 +30,9 @@ from perceptio.eval.tasks import TASKS, get_task
 from perceptio.models.build import load_model
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
+from perceptio.utils.distributed import setup_distributed
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.run_folder import require_same_settings
 from perceptio.utils.runlock import run_lock
 from perceptio.utils.weights_files import weights_digest
 
@@ -53,15 +53,6 @@ def summarize(task: str, records: list[dict[str, Any]], samples: list[Sample] | 
     well_formed = float(np.mean([not r["issues"] for r in records])) if records else None
     result = get_task(task).summarize([r["score"] for r in records], samples)
     return {"task": task, "count": len(records), "well_formed_rate": well_formed, **result}
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def run_eval(
@@ -90,16 +81,15 @@ def _run_eval(
     progress: bool,
     model: tuple[PerceptioForConditionalGeneration, PerceptioProcessor] | None,
 ) -> dict[str, Any]:
-    rank, world = _world()
+    ctx = setup_distributed(settings.device)
+    rank, world = ctx.rank, ctx.world
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_task_samples(settings)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise DataError("sample ids repeat; predictions could not be matched on resume", path=settings.data)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:  # one GPU per rank
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = str(ctx.device)  # under torchrun with GPUs: the GPU of this rank
     if model is None:
         loaded, processor = load_model(settings.model, device=device)
     else:
@@ -116,13 +106,7 @@ def _run_eval(
     if rank == 0:
         if settings.resume and settings_path.is_file():
             saved = json.loads(settings_path.read_text())
-            differ = {k: (saved.get(k), v) for k, v in protocol.items() if saved.get(k) != v}
-            if differ:
-                raise ValueError(
-                    f"{out}: cannot resume predictions made with other settings "
-                    f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in differ.items())}); "
-                    "use the original settings or another --out"
-                )
+            require_same_settings(out, saved, protocol, fix="Use the original settings or another --out")
         if not settings.resume:
             for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
                 stale.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from typing import Any
 from perceptio.data.readers import read_hardblink
 from perceptio.eval.tasks import balance_point_counts
 from perceptio.quickstart import QuickstartConfig, run_quickstart
-from perceptio.train.checkpoint import latest_checkpoint
+from perceptio.utils.checkpoints import latest_checkpoint
 from perceptio.utils.jsonl import read_jsonl
 
 __all__ = ["ARMS", "Arm", "SpatialCotConfig", "run_spatial_cot"]

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -48,14 +47,21 @@ from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
 from perceptio.models.lora import merge_lora
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
-from perceptio.train.checkpoint import gather_state, load_checkpoint, save_checkpoint
 from perceptio.train.config import ModelConfig, TrainConfig
 from perceptio.train.data import TrainingData, collate
 from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_cosine
 from perceptio.train.policy import apply_policy
 from perceptio.train.quick_eval import quick_eval
-from perceptio.utils.checkpoints import last_good_checkpoint, latest_checkpoint
+from perceptio.utils.checkpoints import (
+    gather_state,
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from perceptio.utils.distributed import Distributed, setup_distributed
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.run_folder import require_same_settings
 from perceptio.utils.runlock import run_lock
 
 __all__ = ["NonFiniteLossError", "TrainResult", "build_model", "train"]
@@ -106,36 +112,6 @@ class TrainResult:
     last_eval: dict[str, float]
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _setup_distributed(requested: str | None) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and requested != "cpu"
-    if world > 1:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
-            # gloo next to NCCL: the logged sums and the replica check are CPU tensors
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return _Dist(rank, world, device)
-    return _Dist(0, 1, torch.device(requested) if requested else torch.device("cuda" if cuda else "cpu"))
-
-
 def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
     """The model and processor a recipe's ``model`` section names (before any trainable policy)."""
     options = {k: v for k in BUILD_OPTIONS if (v := getattr(config, k)) is not None}
@@ -176,28 +152,15 @@ def _data_digest(data: TrainingData) -> str:
     return digest.hexdigest()[:16]
 
 
-def _flatten(payload: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in payload.items():
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path) -> None:
-    saved, ours = _flatten(state.get("config", {})), _flatten(config_to_dict(config))
-    differ = [
-        f"{key} (checkpoint {saved.get(key)!r}, now {ours.get(key)!r})"
-        for key in sorted(set(saved) | set(ours))
-        if saved.get(key) != ours.get(key) and not any(key.startswith(p) for p in _RESUMABLE_CHANGES)
-    ]
-    if differ:
-        raise ValueError(
-            f"{folder}: cannot resume with a different recipe: {'; '.join(differ[:6])}. Resume with the recipe "
-            "that wrote the checkpoint (its config.yaml), or start a new run in another run.out_dir"
-        )
+    require_same_settings(
+        folder,
+        state.get("config", {}),
+        config_to_dict(config),
+        may_change=_RESUMABLE_CHANGES,
+        fix="Resume with the recipe that wrote the checkpoint (its config.yaml), or start a new run in another "
+        "run.out_dir",
+    )
     if state.get("data_digest") != digest:
         raise ValueError(
             f"{folder}: the training data differ from the checkpoint's (digest {state.get('data_digest')} vs "
@@ -300,7 +263,7 @@ def _train(
     config: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, cache_dir: Path | None
 ) -> TrainResult:
     run = config.run
-    ctx = _setup_distributed(run.device)
+    ctx = setup_distributed(run.device)
     accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)  # refuse before writing anything
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -548,7 +511,7 @@ def _check_inputs(config: TrainConfig) -> None:
             )
 
 
-def _stop_non_finite(out_dir: Path, step: int, ctx: _Dist, what: str) -> None:
+def _stop_non_finite(out_dir: Path, step: int, ctx: Distributed, what: str) -> None:
     """Raise :class:`NonFiniteLossError` for ``step``, naming the checkpoint to resume from. Checkpoints of that
     step or later hold the weights that gave the non-finite value: they are set aside (``bad-step-*``), so that
     ``--resume`` continues from the last good one."""
@@ -564,7 +527,7 @@ def _stop_non_finite(out_dir: Path, step: int, ctx: _Dist, what: str) -> None:
     )
 
 
-def _weights_finite(engine: nn.Module, ctx: _Dist) -> bool:
+def _weights_finite(engine: nn.Module, ctx: Distributed) -> bool:
     """Whether every trainable weight is finite, on every process (each checks its own shards)."""
     ok = True
     with torch.no_grad():
@@ -581,12 +544,12 @@ def _weights_finite(engine: nn.Module, ctx: _Dist) -> bool:
     return ok
 
 
-def _task_means(window: dict[str, list[float]], ctx: _Dist) -> dict[str, float]:
+def _task_means(window: dict[str, list[float]], ctx: Distributed) -> dict[str, float]:
     """Mean per-sample token loss per task, over every process's samples."""
     return {task: total / count for task, (total, count) in _task_sums(window, ctx).items() if count}
 
 
-def _task_sums(window: dict[str, list[float]], ctx: _Dist) -> dict[str, list[float]]:
+def _task_sums(window: dict[str, list[float]], ctx: Distributed) -> dict[str, list[float]]:
     """Per task, [loss sum, sample count] over every process (collective under distributed training)."""
     sums = {task: (total, count) for task, (total, count) in window.items()}
     if ctx.active:
@@ -616,7 +579,7 @@ def _evaluate(
     processor: PerceptioProcessor,
     data: TrainingData,
     config: TrainConfig,
-    ctx: _Dist,
+    ctx: Distributed,
     step: int,
     path: Path,
     writer: Any,
@@ -646,7 +609,7 @@ def _evaluate(
     return metrics
 
 
-def _final_model(engine: nn.Module, config: TrainConfig, ctx: _Dist) -> PerceptioForConditionalGeneration:
+def _final_model(engine: nn.Module, config: TrainConfig, ctx: Distributed) -> PerceptioForConditionalGeneration:
     """The trained model as a plain Perceptio model (LoRA merged; FSDP weights gathered onto the main process)."""
     if ctx.active and config.run.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

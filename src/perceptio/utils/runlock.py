@@ -98,7 +98,9 @@ def run_lock(folder: str | Path, what: str = "training") -> Iterator[Path]:
     """
     folder = Path(folder)
     path = folder / LOCK_NAME
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    from perceptio.utils.distributed import is_main_process  # torch loads only when a lock is taken
+
+    if not is_main_process():
         yield path  # torchrun: rank 0 holds the lock for the whole job
         return
     key = os.path.realpath(folder)

@@ -1,9 +1,10 @@
 """Training the depth tokenizer on teacher maps, resumably.
 
 Every step draws its batch (and the torch seed for codebook restarts) from ``(seed, step)`` alone, so a run
-resumed from a checkpoint continues exactly as an uninterrupted one would. Checkpoints are written to a
-temporary folder and renamed, so a killed run never leaves a half-written one; the last ``keep_checkpoints``
-are kept. Weights and optimiser state are stored as safetensors, the rest as JSON.
+resumed from a checkpoint continues exactly as an uninterrupted one would. Checkpoints are the training
+loop's (:mod:`perceptio.utils.checkpoints`, with the codebook's running averages as buffers): written to a
+temporary folder and renamed, so a killed run never leaves a half-written one; the last ``keep_checkpoints`` are
+kept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +23,16 @@ from tqdm.auto import tqdm
 
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
-from perceptio.utils.checkpoints import last_good_checkpoint, latest_checkpoint
+from perceptio.utils.checkpoints import (
+    gather_state,
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.run_folder import require_same_settings
 from perceptio.utils.runlock import run_lock
-from perceptio.utils.weights_files import with_user_umask
 
 __all__ = ["TokenizerTrainConfig", "latest_checkpoint", "train_tokenizer"]
 
@@ -70,50 +76,6 @@ def _lr_at(config: TokenizerTrainConfig, step: int) -> float:
     return config.lr * config.lr_decay ** (step // config.lr_decay_every)
 
 
-def _save_checkpoint(
-    out_dir: Path, step: int, model: DepthTokenizer, optimizer: torch.optim.Optimizer, keep: int, state: dict
-) -> None:
-    from safetensors.torch import save_file
-
-    folder = out_dir / "checkpoints"
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    opt_state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{name}": value.detach().cpu().contiguous()
-        for index, slots in opt_state["state"].items()
-        for name, value in slots.items()
-    }
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    with_user_umask(tmp / "optimizer.safetensors")
-    (tmp / "optimizer_groups.json").write_text(json.dumps(opt_state["param_groups"]))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(p for p in folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _load_checkpoint(folder: Path, model: DepthTokenizer, optimizer: torch.optim.Optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    loaded = DepthTokenizer.from_pretrained(folder, expected=model.config)
-    model.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(
-        {"state": state, "param_groups": json.loads((folder / "optimizer_groups.json").read_text())}
-    )
-    return json.loads((folder / "trainer_state.json").read_text())
-
-
 def _data_digest(maps: np.ndarray, valid: np.ndarray | None) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(maps, dtype=np.float32).tobytes())
     if valid is not None:
@@ -121,17 +83,18 @@ def _data_digest(maps: np.ndarray, valid: np.ndarray | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_resumable(state: dict, train_config: TokenizerTrainConfig, digest: str, folder: Path) -> None:
+def _check_resumable(
+    state: dict, model_config: DepthTokenizerConfig, train_config: TokenizerTrainConfig, digest: str, folder: Path
+) -> None:
     """Refuse to resume a checkpoint with other settings or data: the run would silently differ."""
-    saved = state.get("train_config", {})
-    ours = asdict(train_config)
-    differ = [
-        f"{k} (checkpoint {saved[k]}, now {ours[k]})"
-        for k in ours
-        if k != "steps" and k in saved and saved[k] != ours[k]
-    ]
-    if differ:
-        raise ValueError(f"{folder}: cannot resume with other settings: {', '.join(differ)}; use the original ones")
+    require_same_settings(
+        folder,
+        {"model": state.get("model_config", {}), "train": state.get("train_config", {})},
+        {"model": model_config.to_dict(), "train": asdict(train_config)},
+        may_change=("train.steps",),
+        only_saved=True,
+        fix="Use the original ones",
+    )
     if state.get("data_digest") not in (None, digest):
         raise ValueError(
             f"{folder}: the training maps differ from the checkpoint's (data digest {state['data_digest']} vs "
@@ -215,8 +178,9 @@ def _train_tokenizer(
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
-        state = _load_checkpoint(checkpoint, model, optimizer)
-        _check_resumable(state, train_config, digest, checkpoint)
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        _check_resumable(state, model_config, train_config, digest, checkpoint)
+        load_checkpoint(checkpoint, model, optimizer, buffers=True)
         start = int(state["step"])
         window[:] = state.get("usage_window", window)
         logger.info("resumed from %s (step %d)", checkpoint, start)
@@ -298,12 +262,14 @@ def _train_tokenizer(
                 and done < train_config.steps
             ):
                 state = {
+                    "model_config": model_config.to_dict(),
                     "train_config": asdict(train_config),
                     "data_digest": digest,
                     "usage_window": window.tolist(),
                     "seconds": time.perf_counter() - began,
                 }
-                _save_checkpoint(out_dir, done, model, optimizer, train_config.keep_checkpoints, state)
+                weights, optim = gather_state(model, optimizer, buffers=True)
+                save_checkpoint(out_dir, done, weights, optim, state, keep=train_config.keep_checkpoints)
     model.eval()
     model.save_pretrained(out_dir)
     last = json.loads(log_path.read_text().splitlines()[-1]) if log_path.read_text() else {}
