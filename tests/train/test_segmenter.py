@@ -65,3 +65,33 @@ def test_segmenter_pretrain_command(world_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "point-prompted val cIoU" in result.output
     assert "val_point_prompt" in json.loads((tmp_path / "pretraining.json").read_text())
+
+
+def test_a_resumed_pretraining_ends_as_the_uninterrupted_one(world_dir: Path, tmp_path: Path) -> None:
+    """Killed after its step-3 checkpoint and resumed, the run gives the same weights and log; another batch size
+    or a fresh start over the checkpoints is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    objects = load_objects(read_refer(world_dir, "refcoco", split="train", image_root=world_dir / "images"), 64)
+    config = SegmenterPretrainConfig(steps=6, batch_size=4, log_every=1, checkpoint_every=3)
+    pretrain_segmenter(objects, tiny_sam2_config(), config, tmp_path / "full", progress=False)
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000003", killed / "checkpoints" / "step-0000003")
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain_segmenter(objects, tiny_sam2_config(), config, killed, progress=False)
+    other = SegmenterPretrainConfig(steps=6, batch_size=8, log_every=1, checkpoint_every=3)
+    with pytest.raises(ValueError, match=r"config.batch_size \(saved 4, now 8\)"):
+        pretrain_segmenter(objects, tiny_sam2_config(), other, killed, progress=False, resume=True)
+    pretrain_segmenter(objects, tiny_sam2_config(), config, killed, progress=False, resume=True)
+    straight, resumed = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(killed / "model.safetensors")),
+    )
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    logs = [json.loads((folder / "pretraining.json").read_text())["log"] for folder in (tmp_path / "full", killed)]
+    assert logs[0] == logs[1] and len(logs[0]) == 6

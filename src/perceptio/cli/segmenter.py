@@ -24,6 +24,9 @@ def segmenter_pretrain(
     batch_size: Annotated[int, typer.Option(min=1, help="Objects per step.")] = 32,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate (cosine to 0).")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (same settings).")
+    ] = False,
 ) -> None:
     """Train a SAM2 on object masks with point/box prompts; report its point-prompted cIoU on the val split."""
     from perceptio.data.errors import DataError
@@ -31,8 +34,8 @@ def segmenter_pretrain(
 
     try:
         config = SegmenterPretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-        reference = pretrain_on_refer(data, out, config, preset=preset, image_root=image_root)
-    except (DataError, ValueError) as err:
+        reference = pretrain_on_refer(data, out, config, preset=preset, image_root=image_root, resume=resume)
+    except (DataError, ValueError, FileExistsError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(
         f"saved the segmenter to {out}; point-prompted val cIoU {reference['ciou']:.3f}, gIoU {reference['giou']:.3f} "

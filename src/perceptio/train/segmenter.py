@@ -4,12 +4,14 @@ Perceptio starts from a pretrained SAM2 whose image encoder stays frozen. The re
 downloaded here, so for the tiny preset this module trains one on object masks (the synthetic world's RefCOCO
 annotations): each step draws objects, prompts SAM2 with one positive point inside the object (half the time)
 or with its bounding box, and trains encoder and decoder with the mask losses of the model (BCE + Dice) on the
-low-resolution masks. :func:`point_prompt_ciou` then scores the same SAM2 prompted with a true point inside each
-object: the reference that the segmentation-token pathway can at best reach.
+low-resolution masks. It checkpoints and resumes like the other trainers (:mod:`perceptio.utils.checkpoints`).
+:func:`point_prompt_ciou` then scores the same SAM2 prompted with a true point inside each object: the reference
+that the segmentation-token pathway can at best reach.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -27,6 +29,15 @@ from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
 from perceptio.models.sam2 import without_stability_swap
+from perceptio.utils.checkpoints import (
+    gather_state,
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from perceptio.utils.run_folder import require_same_settings
+from perceptio.utils.runlock import run_lock
 from perceptio.utils.weights_files import with_user_umask
 
 __all__ = [
@@ -51,10 +62,20 @@ class SegmenterPretrainConfig:
     """Share of prompts that are boxes (the rest are single positive points)."""
     seed: int = 0
     log_every: int = 50
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints (0: none)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.box_fraction <= 1:
             raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0 and 0 <= box_fraction <= 1, got {self}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError(f"need checkpoint_every >= 0, keep_checkpoints >= 1 and log_every >= 1, got {self}")
+
+
+#: Settings that may change between a checkpoint and its resumption (they do not change the trajectory).
+_RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -138,19 +159,68 @@ def pretrain_segmenter(
     out_dir: str | Path,
     *,
     progress: bool = True,
+    resume: bool = False,
 ) -> Sam2Model:
     """Train a SAM2 of ``sam_config`` from random weights on ``objects``; save it (``save_pretrained``) to
-    ``out_dir``."""
+    ``out_dir``.
+
+    Checkpoints (``out_dir/checkpoints``, every ``config.checkpoint_every`` steps) hold the weights, AdamW's
+    moments and the random generators' states, so ``resume=True`` continues exactly as the uninterrupted run.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds checkpoints and ``resume`` is False.
+        RunFolderLockedError: another process writes into ``out_dir``.
+    """
+    with run_lock(out_dir, "segmenter pretraining"):
+        return _pretrain_segmenter(objects, sam_config, config, Path(out_dir), progress=progress, resume=resume)
+
+
+def _objects_digest(objects: _Objects) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(objects.points).tobytes())
+    digest.update(np.ascontiguousarray(objects.image_index).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _pretrain_segmenter(
+    objects: _Objects,
+    sam_config: Sam2Config,
+    config: SegmenterPretrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool,
+    resume: bool,
+) -> Sam2Model:
     torch.manual_seed(config.seed)
     sam = without_stability_swap(Sam2Model(sam_config))
     optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
-    out_dir = Path(out_dir)
+    settings = {"config": asdict(config), "objects": _objects_digest(objects)}
+    log: list[dict] = []
+    start = 0
+    if resume:
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        require_same_settings(
+            checkpoint,
+            state["settings"],
+            settings,
+            may_change=[f"config.{key}" for key in _RESUMABLE_CHANGES],
+            fix="Resume with the settings and data that wrote the checkpoint, or start again in another folder",
+        )
+        load_checkpoint(checkpoint, sam, optimizer, buffers=True)
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        start, log = int(state["step"]), state["log"]
+    elif latest_checkpoint(out_dir, warn=False) is not None:
+        raise FileExistsError(
+            f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = []
     began = time.perf_counter()
     sam.train()
-    bar = tqdm(range(config.steps), desc="segmenter", disable=not progress)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="segmenter", disable=not progress)
     for step in bar:
         lr = config.lr * 0.5 * (1 + np.cos(np.pi * step / config.steps))
         for group in optimizer.param_groups:
@@ -171,17 +241,38 @@ def pretrain_segmenter(
         )
         targets = (targets > 0.5).float()
         loss = 2.0 * mask_bce_loss(logits, targets) + 0.5 * mask_dice_loss(logits, targets)
+        if not torch.isfinite(loss):  # stop before the bad step touches the weights
+            good = last_good_checkpoint(out_dir, step)
+            raise FloatingPointError(
+                f"non-finite segmenter loss at step {step}; lower the learning rate, then "
+                + (f"continue from {good} with --resume" if good else "start again (no good checkpoint yet)")
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            log.append({"step": step + 1, "loss": loss.item(), "lr": lr})
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            log.append({"step": done, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            weights, optim = gather_state(sam, optimizer, buffers=True)
+            state = {
+                "settings": settings,
+                "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state().tolist(),
+                "log": log,
+            }
+            save_checkpoint(out_dir, done, weights, optim, state, keep=config.keep_checkpoints)
     sam.eval()
     sam.save_pretrained(out_dir)
     with_user_umask(out_dir)
-    summary = {"config": asdict(config), "objects": len(objects.masks), "seconds": time.perf_counter() - began}
+    summary = {
+        "config": asdict(config),
+        "objects": len(objects.masks),
+        "resumed_from": start,
+        "seconds": time.perf_counter() - began,
+    }
     (out_dir / "pretraining.json").write_text(json.dumps({**summary, "log": log}, indent=2) + "\n")
     return sam
 
@@ -221,6 +312,7 @@ def pretrain_on_refer(
     preset: str = "tiny",
     image_root: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Pretrain a preset's SAM2 on the train split of a refer root (e.g. a synthetic world), save it to
     ``out_dir`` and add its point-prompted cIoU / gIoU on the val split to ``pretraining.json``; returns those."""
@@ -232,7 +324,7 @@ def pretrain_on_refer(
     images = image_root or ((root / "images") if (root / "images").is_dir() else None)
     train_objects = load_objects(read_refer(root, "refcoco", split="train", image_root=images), size)
     val_objects = load_objects(read_refer(root, "refcoco", split="val", image_root=images), size, distinct=False)
-    sam = pretrain_segmenter(train_objects, sam_config, config, out_dir, progress=progress)
+    sam = pretrain_segmenter(train_objects, sam_config, config, out_dir, progress=progress, resume=resume)
     reference = point_prompt_ciou(sam, val_objects)
     summary_path = Path(out_dir) / "pretraining.json"
     summary = json.loads(summary_path.read_text())

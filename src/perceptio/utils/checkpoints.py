@@ -237,7 +237,12 @@ def load_checkpoint(
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
+    # not strict: a parameter that trains but never got a gradient (an unused prompt path) has no moments yet,
+    # in the checkpoint as in the uninterrupted run
     set_optimizer_state_dict(
-        model, optimizer, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
+        model,
+        optimizer,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True, strict=False),
     )
     return json.loads((folder / "trainer_state.json").read_text())
