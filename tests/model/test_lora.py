@@ -1,4 +1,5 @@
-"""LoRA adapters: what trains, that training reduces the loss, saving adapters, and merging."""
+"""LoRA adapters through the trainable policy (the one path that wraps a model with peft): what trains, that
+training reduces the loss, saving adapters, and merging."""
 
 from __future__ import annotations
 
@@ -11,7 +12,27 @@ from peft import PeftModel
 from PIL import Image
 
 from perceptio.models import PerceptioForConditionalGeneration, build_preset
-from perceptio.models.lora import LoraSettings, apply_lora, merge_lora
+from perceptio.models.lora import merge_lora
+from perceptio.train.config import LoraConfig, TrainableConfig
+from perceptio.train.policy import apply_policy
+
+
+def apply_lora(model: PerceptioForConditionalGeneration, r: int = 4, alpha: int = 8):  # noqa: ANN201 - PeftModel
+    """The paper recipes' policy: LoRA on the language model, the perception tokens' rows, the projector, the
+    segmentation-token projection and SAM2's mask decoder trained fully, everything else frozen."""
+    policy = TrainableConfig(
+        default="frozen",
+        rules={
+            "vlm.model.language_model.*": "lora",
+            "vlm.model.multi_modal_projector.*": "full",
+            "seg_projection.*": "full",
+            "segmenter.mask_decoder.*": "full",
+        },
+        lora=LoraConfig(r=r, alpha=alpha, dropout=0.0),
+    )
+    wrapped, _ = apply_policy(model, policy)
+    assert isinstance(wrapped, PeftModel)
+    return wrapped
 
 
 def _batch(processor):  # noqa: ANN001, ANN202
@@ -23,7 +44,7 @@ def _batch(processor):  # noqa: ANN001, ANN202
 
 def test_lora_trains_only_adapters_token_rows_and_heads_and_merges(tmp_path: Path) -> None:
     model, processor = build_preset("tiny")
-    wrapped = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    wrapped = apply_lora(model)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
     assert not any("vision_tower" in n or "depth_tokenizer" in n or "pred_obj_score_head" in n for n in trainable)
@@ -58,7 +79,7 @@ def test_lora_trains_only_adapters_token_rows_and_heads_and_merges(tmp_path: Pat
 
 def test_adapters_reload_onto_a_fresh_base(tmp_path: Path) -> None:
     model, processor = build_preset("tiny", seed=3)
-    wrapped = apply_lora(model, LoraSettings(r=4, dropout=0.0))
+    wrapped = apply_lora(model)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
@@ -82,7 +103,7 @@ def test_an_untied_lm_head_gets_trainable_rows_for_the_new_tokens() -> None:
     model = PerceptioForConditionalGeneration(config)
     model.register_text_tokenizer(tokenizer)
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
-    wrapped = apply_lora(model, LoraSettings(r=4, dropout=0.0))
+    wrapped = apply_lora(model)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert any("lm_head" in n and "trainable_tokens" in n for n in trainable)
     assert any("embed_tokens" in n and "trainable_tokens" in n for n in trainable)
@@ -90,4 +111,4 @@ def test_an_untied_lm_head_gets_trainable_rows_for_the_new_tokens() -> None:
 
 def test_lora_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="r >= 1"):
-        LoraSettings(r=0)
+        LoraConfig(r=0)
