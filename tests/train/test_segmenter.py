@@ -95,3 +95,24 @@ def test_a_resumed_pretraining_ends_as_the_uninterrupted_one(world_dir: Path, tm
         assert torch.equal(straight[name], resumed[name]), name
     logs = [json.loads((folder / "pretraining.json").read_text())["log"] for folder in (tmp_path / "full", killed)]
     assert logs[0] == logs[1] and len(logs[0]) == 6
+
+
+def test_the_segmentation_mode_is_one_setting_of_the_built_and_saved_model(tmp_path: Path) -> None:
+    """A recipe's model.seg_multimask is set when the model is built (so the parts only the other mode uses are
+    frozen from the start), saved with the model, and may switch when fine-tuning from it."""
+    from perceptio.models.build import load_model, save_model
+
+    single, processor = build_model(ModelConfig(preset="tiny", seg_multimask=False))
+    decoder = single.segmenter.mask_decoder
+    assert single.config.seg_multimask is False
+    assert all(p.requires_grad for p in decoder.output_hypernetworks_mlps[0].parameters())
+    assert not any(p.requires_grad for p in decoder.iou_prediction_head.parameters())
+    save_model(single, processor, tmp_path / "single")
+    assert load_model(tmp_path / "single")[0].config.seg_multimask is False
+    multi, _ = build_model(ModelConfig(preset=None, init=tmp_path / "single", seg_multimask=True))
+    decoder = multi.segmenter.mask_decoder
+    assert multi.config.seg_multimask is True
+    assert not any(p.requires_grad for p in decoder.output_hypernetworks_mlps[0].parameters())
+    assert all(p.requires_grad for p in decoder.iou_prediction_head.parameters())
+    kept, _ = build_model(ModelConfig(preset=None, init=tmp_path / "single"))  # null keeps the saved mode
+    assert kept.config.seg_multimask is False

@@ -532,7 +532,7 @@ def _run_perceptio_job(config: GroundingConfig, level: str, arm: str, seed: int)
         model.load_depth_tokenizer(config.tokenizer)  # type: ignore[arg-type]
     else:
         model.load_segmenter(config.segmenter)  # type: ignore[arg-type]
-        model.config.seg_multimask = False  # the pretrained tiny SAM2 trains its single-mask output
+        model.set_seg_multimask(False)  # the pretrained tiny SAM2 trains its single-mask output
     model.freeze_frozen_parts()
     train = _world_data(config, model, level, "train", config.train_images)
     val = _world_data(config, model, level, "val", config.val_images)

@@ -51,7 +51,7 @@ def build_preset(
 
 
 #: ``PerceptioConfig`` fields a recipe or caller may set when a model is built (not the architecture's sizes).
-BUILD_OPTIONS = ("image_token_norm", "image_token_pos", "vision_init_std", "seg_prompt_rms")
+BUILD_OPTIONS = ("image_token_norm", "image_token_pos", "vision_init_std", "seg_prompt_rms", "seg_multimask")
 
 
 def _checked_options(options: dict[str, object]) -> dict[str, object]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, InternVLConfig, PretrainedConfig, Sam2Config
 
+from perceptio.models.sam2 import perceptio_sam2_config
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.vocab import PerceptionVocab, TokenIds
 
@@ -82,7 +83,7 @@ class PerceptioConfig(PretrainedConfig):
         self.vlm_config = (
             InternVLConfig(**vlm_config) if isinstance(vlm_config, dict) else (vlm_config or InternVLConfig())
         )
-        self.segmenter_config = (
+        self.segmenter_config = perceptio_sam2_config(
             Sam2Config(**segmenter_config) if isinstance(segmenter_config, dict) else (segmenter_config or Sam2Config())
         )
         if isinstance(depth_tokenizer_config, DepthTokenizerConfig):

@@ -260,6 +260,21 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         device = self.seg_projection[0].weight.device
         self.seg_prompt_gain = None if rms is None else nn.Parameter(torch.full((1,), float(rms), device=device))
 
+    def set_seg_multimask(self, multimask: bool) -> None:
+        """Switch which SAM2 output the segmentation token trains and reads (``PerceptioConfig.seg_multimask``) on a
+        built model, e.g. one whose SAM2 was pretrained on its single-mask output. The decoder parts only one mode
+        uses (the single-mask output; the IoU head) are frozen or released to match."""
+        multimask = bool(multimask)
+        decoder = self.segmenter.mask_decoder
+        for module, trains in (
+            (decoder.output_hypernetworks_mlps[0], not multimask),
+            (decoder.iou_prediction_head, multimask),
+        ):
+            for param in module.parameters():
+                param.requires_grad_(trains)
+        self.config.seg_multimask = multimask
+        self.freeze_frozen_parts()
+
     def _normalise_image_tokens(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         output = self.image_token_norm(output)
         return output if self.image_token_pos is None else self.image_token_pos(output)

@@ -78,8 +78,7 @@ def tiny_sam2_config(image_size: int = 64, hidden: int = 32) -> Sam2Config:
             num_hidden_layers=2,
             num_attention_heads=2,
             iou_head_hidden_dim=32,
-            dynamic_multimask_via_stability=False,
-        ),
+        ),  # the stability swap is turned off where a SAM2 is made (perceptio.models.sam2)
     )
 
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Sam2Model
+from transformers import Sam2Config, Sam2Model
 
-__all__ = ["load_sam2", "without_stability_swap"]
+__all__ = ["load_sam2", "perceptio_sam2_config", "without_stability_swap"]
+
+
+def perceptio_sam2_config(config: Sam2Config) -> Sam2Config:
+    """``config`` with the stability-based mask swap turned off (changed in place); returns it."""
+    config.mask_decoder_config.dynamic_multimask_via_stability = False
+    return config
 
 
 def without_stability_swap(sam: Sam2Model) -> Sam2Model:
     """``sam`` with the stability-based mask swap turned off (module and config); returns it."""
     sam.mask_decoder.dynamic_multimask_via_stability = False
-    sam.config.mask_decoder_config.dynamic_multimask_via_stability = False
+    perceptio_sam2_config(sam.config)
     return sam
 
 

@@ -119,6 +119,8 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
         model, processor = load_model(config.init)
         if "seg_prompt_rms" in options and options["seg_prompt_rms"] != model.config.seg_prompt_rms:
             model.set_seg_prompt_rms(options["seg_prompt_rms"])  # the prompt scale may change when fine-tuning
+        if "seg_multimask" in options and options["seg_multimask"] != model.config.seg_multimask:
+            model.set_seg_multimask(options["seg_multimask"])  # so may the SAM2 output the [SEG] token reads
         changed = {k: v for k, v in options.items() if getattr(model.config, k) != v}
         if changed:
             raise ValueError(
@@ -138,8 +140,6 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
     if unknown:
         raise ValueError(f"model.loss_weights: unknown term(s) {unknown}; the terms are {sorted(DEFAULT_LOSS_WEIGHTS)}")
     model.config.loss_weights = {**model.config.loss_weights, **config.loss_weights}
-    if config.seg_multimask is not None:  # the trainable policy reads the frozen parts from the config
-        model.config.seg_multimask = config.seg_multimask
     return model, processor
 
 
