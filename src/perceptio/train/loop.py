@@ -262,13 +262,22 @@ def _one_thread(_: int) -> None:  # a data worker's torch work is small: do not 
 def _train(
     config: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, cache_dir: Path | None
 ) -> TrainResult:
-    run = config.run
-    ctx = setup_distributed(run.device)
-    accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)  # refuse before writing anything
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    out_dir = Path(run.out_dir)
-    show = progress and ctx.main
+    ctx = setup_distributed(config.run.device)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    _prepare_folder(config, ctx, resume=resume, overwrite=overwrite)
+    run = _set_up(config, ctx, cache_dir=cache_dir, show=progress and ctx.main)
+    window = _LogWindow()
+    start = _resume(run, window) if resume else 0
+    last_log, last_eval = _loop(run, window, start)
+    return _finish(run, start, last_log, last_eval)
+
+
+def _prepare_folder(config: TrainConfig, ctx: Distributed, *, resume: bool, overwrite: bool) -> None:
+    """Refuse what cannot work before anything is built or written: a batch that does not divide, ``--resume``
+    without a checkpoint, an earlier run in the folder (deleted with ``overwrite``), FSDP with LoRA."""
+    run, out_dir = config.run, Path(config.run.out_dir)
+    accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)
     if resume and latest_checkpoint(out_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
     earlier = [name for name in _RUN_OUTPUTS if (out_dir / name).exists()]
@@ -284,6 +293,43 @@ def _train(
     if run.distributed == "fsdp" and "lora" in (config.trainable.default, *config.trainable.rules.values()):
         raise ValueError("run.distributed=fsdp is for full fine-tuning; LoRA runs fit with ddp (the default)")
 
+
+@dataclass
+class _Run:
+    """What a training run works with once it is set up."""
+
+    config: TrainConfig
+    ctx: Distributed
+    show: bool
+    processor: PerceptioProcessor
+    trainable: nn.Module
+    """The model with its trainable policy applied (a ``PeftModel`` under LoRA)."""
+    engine: nn.Module
+    """What the steps run: ``trainable``, or its DDP / FSDP wrapping."""
+    optimizer: torch.optim.Optimizer
+    data: TrainingData
+    eval_data: TrainingData | None
+    mixture: Any
+    sampler: MixtureSampler
+    digest: str
+    writer: Any
+    began: float = 0.0
+    """When this process's steps began (``time.perf_counter``)."""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.run.out_dir)
+
+    @property
+    def accumulation(self) -> int:
+        run = self.config.run
+        return accumulation_steps(run.global_batch_size, run.micro_batch_size, self.ctx.world)
+
+
+def _set_up(config: TrainConfig, ctx: Distributed, *, cache_dir: Path | None, show: bool) -> _Run:
+    """Build the model and the data, apply the trainable policy, write the run records, wrap the model for
+    distributed training and make the optimiser."""
+    run, out_dir = config.run, Path(config.run.out_dir)
     _check_inputs(config)  # before the model is built: a missing folder should not cost a model build first
     torch.manual_seed(config.model.seed)
     model, processor = build_model(config.model)
@@ -304,7 +350,6 @@ def _train(
         _plain(trainable).vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable.to(ctx.device)
     table = plan.table(trainable)
-    digest = _data_digest(data)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_record(out_dir, config)
@@ -315,176 +360,252 @@ def _train(
             print(table)
             sizes = ", ".join(f"{k} {v}" for k, v in data.sizes().items())
             print(f"data: {sizes}; mixture at step 0: {mixture.weights_at(0)}")
-
-    if ctx.active and run.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        language = _plain(trainable).vlm.model.language_model
-        for layer in language.layers:
-            fully_shard(layer)
-        fully_shard(trainable)
-        engine: nn.Module = trainable
-    elif ctx.active:
-        engine = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
-    else:
-        engine = trainable
+    engine = _distributed_engine(trainable, config, ctx)
     optimizer = build_optimizer(
         engine, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=config.optim.betas
     )
-    accumulation = accumulation_steps(run.global_batch_size, run.micro_batch_size, ctx.world)
-    warmup = round(config.optim.warmup_ratio * run.steps)
-    bf16 = run.precision == "bf16" or (run.precision == "auto" and ctx.device.type == "cuda")
+    return _Run(
+        config=config,
+        ctx=ctx,
+        show=show,
+        processor=processor,
+        trainable=trainable,
+        engine=engine,
+        optimizer=optimizer,
+        data=data,
+        eval_data=eval_data,
+        mixture=mixture,
+        sampler=sampler,
+        digest=_data_digest(data),
+        writer=_writer(out_dir) if ctx.main else None,
+    )
 
-    start = 0
-    log_path, eval_path = out_dir / "train_log.jsonl", out_dir / "eval_log.jsonl"
-    if resume:
-        checkpoint = latest_checkpoint(out_dir)
-        state = load_checkpoint(checkpoint, engine, optimizer)
-        _check_resumable(state, config, digest, checkpoint)
-        start = int(state["step"])
-        if ctx.main:
-            for path in (log_path, eval_path):  # lines past the checkpoint will be written again
-                kept = [line for line in read_jsonl(path) if line["step"] <= start]
-                if path.is_file():
-                    path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-            logger.info("resumed from %s (step %d)", checkpoint, start)
 
-    writer = _writer(out_dir) if ctx.main else None
-    bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="train", disable=not show)
-    # what the next log line averages: per-step values, per-task (loss sum, sample count), the datasets drawn
-    window: dict[str, list[float]] = defaultdict(list)
-    task_window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    drawn: Counter[str] = Counter()
-    if resume:  # a checkpoint between two log lines carries the window, so the next line averages the same steps
-        saved = state.get("log_window", {})
-        window.update({k: list(v) for k, v in saved.get("steps", {}).items()})
+def _distributed_engine(trainable: nn.Module, config: TrainConfig, ctx: Distributed) -> nn.Module:
+    """``trainable`` sharded with FSDP (each language-model layer, then the whole), wrapped in DDP, or itself."""
+    if ctx.active and config.run.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _plain(trainable).vlm.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(trainable)
+        return trainable
+    if ctx.active:
+        return nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    return trainable
+
+
+class _LogWindow:
+    """What the next log line averages: per-step values, per-task (loss sum, sample count), the datasets drawn,
+    and the seconds spent in steps. A checkpoint between two log lines saves it, so that the line after a resume
+    averages the same steps as the uninterrupted run's."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[float]] = defaultdict(list)
+        self.tasks: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self.drawn: Counter[str] = Counter()
+        self.seconds = 0.0
+
+    def restore(self, saved: dict[str, Any], ctx: Distributed) -> None:
+        self.steps.update({k: list(v) for k, v in saved.get("steps", {}).items()})
         if ctx.main:  # the saved sums are over every process already
-            task_window.update({k: list(v) for k, v in saved.get("tasks", {}).items()})
-        drawn.update(saved.get("drawn", {}))
+            self.tasks.update({k: list(v) for k, v in saved.get("tasks", {}).items()})
+        self.drawn.update(saved.get("drawn", {}))
+
+    def add_samples(self, tasks: list[str], losses: list[float]) -> None:
+        for task, value in zip(tasks, losses, strict=True):
+            self.tasks[task][0] += value
+            self.tasks[task][1] += 1
+
+    def add_step(self, sums: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.steps["loss"].append(float(sums[0]))
+        for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
+            self.steps[name].append(float(sums[i + 1]))
+        if grad_norm is not None:
+            self.steps["grad_norm"].append(float(grad_norm))
+
+    def line(self, run: _Run, step: int, lr: float, began: float) -> dict[str, Any]:
+        """The log record of the window ending at ``step`` (collective under distributed training)."""
+        steps = self.steps
+        return {
+            "step": step + 1,
+            "loss": float(np.mean(steps["loss"])),
+            "lr": lr,
+            "samples_per_s": run.config.run.global_batch_size * len(steps["loss"]) / max(self.seconds, 1e-9),
+            "terms": {k: float(np.mean(steps[k])) for k in DEFAULT_LOSS_WEIGHTS},
+            "grad_norm": float(np.mean(steps["grad_norm"])) if steps["grad_norm"] else None,
+            "task_text_loss": _task_means(self.tasks, run.ctx),
+            "mixture": {k: round(v, 4) for k, v in run.mixture.weights_at(step).items()},
+            "drawn": dict(sorted(self.drawn.items())),
+            "seconds": time.perf_counter() - began,
+        }
+
+    def saved(self, ctx: Distributed) -> dict[str, Any]:
+        """The window as a checkpoint keeps it (collective: every process's samples since the last log line)."""
+        tasks = _task_sums(self.tasks, ctx)
+        return {"steps": dict(self.steps), "tasks": tasks, "drawn": dict(self.drawn)}
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.tasks.clear()
+        self.drawn.clear()
+        self.seconds = 0.0
+
+
+def _resume(run: _Run, window: _LogWindow) -> int:
+    """Load the newest checkpoint into the model and optimiser, check it was written by this recipe and data,
+    cut the logs back to it and restore the log window; returns its step."""
+    checkpoint = latest_checkpoint(run.out_dir)
+    state = load_checkpoint(checkpoint, run.engine, run.optimizer)
+    _check_resumable(state, run.config, run.digest, checkpoint)
+    start = int(state["step"])
+    if run.ctx.main:
+        for path in (run.out_dir / "train_log.jsonl", run.out_dir / "eval_log.jsonl"):
+            kept = [line for line in read_jsonl(path) if line["step"] <= start]  # later lines are written again
+            if path.is_file():
+                path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        logger.info("resumed from %s (step %d)", checkpoint, start)
+    window.restore(state.get("log_window", {}), run.ctx)
+    return start
+
+
+def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Steps ``start`` to ``run.steps``, with log lines, checkpoints and quick evaluations; returns the last log
+    record and quick-evaluation metrics."""
+    config, ctx, cfg = run.config, run.ctx, run.config.run
+    warmup = round(config.optim.warmup_ratio * cfg.steps)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not run.show)
     last_log: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
-    seconds = 0.0
-    began = time.perf_counter()
-    trainable.train()
-    steps = _StepBatches(sampler, data, processor, run, ctx.rank, ctx.world, start)
-    prepared = iter(steps) if not run.data_workers else iter(steps.loader(run.data_workers))
+    began = run.began = time.perf_counter()
+    run.trainable.train()
+    steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start)
+    prepared = iter(steps) if not cfg.data_workers else iter(steps.loader(cfg.data_workers))
     for step in bar:
         tick = time.perf_counter()
-        factor = warmup_cosine(step, warmup_steps=warmup, total_steps=run.steps, min_lr_ratio=config.optim.min_lr_ratio)
+        factor = warmup_cosine(step, warmup_steps=warmup, total_steps=cfg.steps, min_lr_ratio=config.optim.min_lr_ratio)
         lr = config.optim.lr * factor
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         names, mine = next(prepared)
-        drawn.update(names)
-        sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
-        for j, (chunk_index, tasks, batch) in enumerate(mine):
-            gt_masks = batch.pop("gt_masks")
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            torch.manual_seed(run.seed * 1_000_003 + step * 1_009 + chunk_index)  # dropout, the same on any layout
-            sync = j == len(mine) - 1 or not isinstance(engine, nn.parallel.DistributedDataParallel)
-            with (
-                contextlib.nullcontext() if sync else engine.no_sync(),
-                torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
-            ):
-                output = engine(**batch, gt_masks=gt_masks)
-                (output.loss / accumulation).backward()
-            sums[0] += output.loss.detach().double().cpu()
-            for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
-                sums[i + 1] += output.loss_terms[name].detach().double().cpu()
-            with torch.no_grad():
-                per_sample = _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist()
-            for task, value in zip(tasks, per_sample, strict=True):
-                task_window[task][0] += value
-                task_window[task][1] += 1
-        if ctx.active:
-            dist.all_reduce(sums)
-        sums /= accumulation * ctx.world
-        grad_norm = (
-            nn.utils.clip_grad_norm_(engine.parameters(), config.optim.grad_clip)
-            if config.optim.grad_clip is not None
-            else None
-        )
-        bad = not math.isfinite(float(sums[0])) or (grad_norm is not None and not torch.isfinite(grad_norm).item())
-        if bad:
-            _stop_non_finite(out_dir, step, ctx, f"loss {float(sums[0])}, gradient norm {grad_norm}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - tick
+        window.drawn.update(names)
+        sums, grad_norm = _step(run, step, mine, window)
+        window.seconds += time.perf_counter() - tick
         done = step + 1
-        window["loss"].append(float(sums[0]))
-        if show:  # the bar shows this step's loss; the log line averages the window
+        window.add_step(sums, grad_norm)
+        if run.show:  # the bar shows this step's loss; the log line averages the window
             bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", refresh=False)
-        for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
-            window[name].append(float(sums[i + 1]))
-        if grad_norm is not None:
-            window["grad_norm"].append(float(grad_norm))
-        if done % run.log_every == 0 or done == run.steps:
-            rate = run.global_batch_size * len(window["loss"]) / max(seconds, 1e-9)
-            last_log = {
-                "step": done,
-                "loss": float(np.mean(window["loss"])),
-                "lr": lr,
-                "samples_per_s": rate,
-                "terms": {k: float(np.mean(window[k])) for k in DEFAULT_LOSS_WEIGHTS},
-                "grad_norm": float(np.mean(window["grad_norm"])) if window["grad_norm"] else None,
-                "task_text_loss": _task_means(task_window, ctx),
-                "mixture": {k: round(v, 4) for k, v in mixture.weights_at(step).items()},
-                "drawn": dict(sorted(drawn.items())),
-                "seconds": time.perf_counter() - began,
-            }
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last_log = window.line(run, step, lr, began)
             if ctx.main:
-                with log_path.open("a") as log:
-                    log.write(json.dumps(last_log) + "\n")
-                if writer is not None:
-                    writer.add_scalar("train/loss", last_log["loss"], done)
-                    writer.add_scalar("train/lr", lr, done)
-                    for k, v in last_log["terms"].items():
-                        writer.add_scalar(f"terms/{k}", v, done)
-                bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", sps=f"{rate:.1f}")
+                _write_log_line(run, last_log)
+                bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", sps=f"{last_log['samples_per_s']:.1f}")
             window.clear()
-            task_window.clear()
-            drawn.clear()
-            seconds = 0.0
-        if run.checkpoint_every and done % run.checkpoint_every == 0 and done < run.steps:
-            if not _weights_finite(engine, ctx):  # an update can overflow with a finite loss and gradient
-                _stop_non_finite(out_dir, done, ctx, f"the update of step {step} made weights non-finite")
-            weights, optim_state = gather_state(engine, optimizer)
-            tasks = _task_sums(task_window, ctx)  # collective: every process's samples since the last log line
-            if ctx.main:
-                log_window = {"steps": dict(window), "tasks": tasks, "drawn": dict(drawn)}
-                state = {"config": config_to_dict(config), "data_digest": digest, "log_window": log_window}
-                save_checkpoint(out_dir, done, weights, optim_state, state, keep=run.keep_checkpoints)
-        evaluate_now = config.eval.every and done % config.eval.every == 0 and done < run.steps
-        if eval_data is not None and evaluate_now:
-            last_eval = _evaluate(engine, processor, eval_data, config, ctx, done, eval_path, writer)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _checkpoint(run, done, step, window)
+        evaluate_now = config.eval.every and done % config.eval.every == 0 and done < cfg.steps
+        if run.eval_data is not None and evaluate_now:
+            last_eval = _evaluate(run, done)
     bar.close()
+    return last_log, last_eval
 
+
+def _step(
+    run: _Run, step: int, mine: list[tuple[int, list[str], dict]], window: _LogWindow
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimiser step over this process's micro batches: forward and backward each (gradients accumulate,
+    DDP synchronises on the last), clip, refuse a non-finite loss or gradient, update. Returns the loss and its
+    terms averaged over every process (``sums``: total, then ``DEFAULT_LOSS_WEIGHTS``' order) and the gradient
+    norm."""
+    config, ctx, engine = run.config, run.ctx, run.engine
+    cfg = config.run
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
+    for j, (chunk_index, tasks, batch) in enumerate(mine):
+        gt_masks = batch.pop("gt_masks")
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + chunk_index)  # dropout, the same on any layout
+        sync = j == len(mine) - 1 or not isinstance(engine, nn.parallel.DistributedDataParallel)
+        with (
+            contextlib.nullcontext() if sync else engine.no_sync(),
+            torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
+            output = engine(**batch, gt_masks=gt_masks)
+            (output.loss / run.accumulation).backward()
+        sums[0] += output.loss.detach().double().cpu()
+        for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
+            sums[i + 1] += output.loss_terms[name].detach().double().cpu()
+        with torch.no_grad():
+            window.add_samples(tasks, _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist())
+    if ctx.active:
+        dist.all_reduce(sums)
+    sums /= run.accumulation * ctx.world
+    grad_norm = (
+        nn.utils.clip_grad_norm_(engine.parameters(), config.optim.grad_clip)
+        if config.optim.grad_clip is not None
+        else None
+    )
+    bad = not math.isfinite(float(sums[0])) or (grad_norm is not None and not torch.isfinite(grad_norm).item())
+    if bad:
+        _stop_non_finite(run.out_dir, step, ctx, f"loss {float(sums[0])}, gradient norm {grad_norm}")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
+def _write_log_line(run: _Run, record: dict[str, Any]) -> None:
+    with (run.out_dir / "train_log.jsonl").open("a") as log:
+        log.write(json.dumps(record) + "\n")
+    if run.writer is not None:
+        done = record["step"]
+        run.writer.add_scalar("train/loss", record["loss"], done)
+        run.writer.add_scalar("train/lr", record["lr"], done)
+        for k, v in record["terms"].items():
+            run.writer.add_scalar(f"terms/{k}", v, done)
+
+
+def _checkpoint(run: _Run, done: int, step: int, window: _LogWindow) -> None:
+    """Write ``checkpoints/step-<done>`` after checking the update left every weight finite (it can overflow with
+    a finite loss and gradient)."""
+    if not _weights_finite(run.engine, run.ctx):
+        _stop_non_finite(run.out_dir, done, run.ctx, f"the update of step {step} made weights non-finite")
+    weights, optim_state = gather_state(run.engine, run.optimizer)
+    log_window = window.saved(run.ctx)  # collective
+    if run.ctx.main:
+        state = {"config": config_to_dict(run.config), "data_digest": run.digest, "log_window": log_window}
+        save_checkpoint(run.out_dir, done, weights, optim_state, state, keep=run.config.run.keep_checkpoints)
+
+
+def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str, float]) -> TrainResult:
+    """The final quick evaluation, the merged model saved to ``model/`` with the decoding default it was trained
+    for, and ``training.json``."""
+    config, ctx, engine = run.config, run.ctx, run.engine
     model_dir = None
     divergence = _replica_divergence(engine) if isinstance(engine, nn.parallel.DistributedDataParallel) else None
-    if eval_data is not None:
-        last_eval = _evaluate(engine, processor, eval_data, config, ctx, run.steps, eval_path, writer)
+    if run.eval_data is not None:
+        last_eval = _evaluate(run, config.run.steps)
     final = _final_model(engine, config, ctx)
     if ctx.main:
         final.config.spatial_cot = config.data.spatial_cot  # what it was trained to write: its decoding default
-        model_dir = save_model(final, processor, out_dir / "model")
+        model_dir = save_model(final, run.processor, run.out_dir / "model")
         summary = {
-            "steps": run.steps,
+            "steps": config.run.steps,
             "resumed_from": start,
-            "seconds_this_run": time.perf_counter() - began,
+            "seconds_this_run": time.perf_counter() - run.began,
             "world_size": ctx.world,
-            "accumulation": accumulation,
+            "accumulation": run.accumulation,
             "replica_max_abs_diff": divergence,
             "final": last_log,
             "eval": last_eval,
         }
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if writer is not None:
-            writer.close()
+        (run.out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if run.writer is not None:
+            run.writer.close()
     if ctx.active:
         dist.barrier()
-    return TrainResult(out_dir, model_dir, run.steps, start, last_log, last_eval)
+    return TrainResult(run.out_dir, model_dir, config.run.steps, start, last_log, last_eval)
 
 
 def _check_inputs(config: TrainConfig) -> None:
@@ -574,18 +695,10 @@ def _replica_divergence(engine: nn.Module) -> float:
     return float(worst)
 
 
-def _evaluate(
-    engine: nn.Module,
-    processor: PerceptioProcessor,
-    data: TrainingData,
-    config: TrainConfig,
-    ctx: Distributed,
-    step: int,
-    path: Path,
-    writer: Any,
-) -> dict[str, float]:
+def _evaluate(run: _Run, step: int) -> dict[str, float]:
     """The quick evaluation on the main process (the others wait). Not under FSDP, whose sharded weights
     generation cannot use directly: evaluate the saved model with ``perceptio eval`` instead."""
+    config, ctx, writer, path = run.config, run.ctx, run.writer, run.out_dir / "eval_log.jsonl"
     metrics: dict[str, float] = {}
     if ctx.active and config.run.distributed == "fsdp":
         if ctx.main:
@@ -594,8 +707,10 @@ def _evaluate(
             )
         return metrics
     if ctx.main:
-        model = _plain(engine)
-        metrics = quick_eval(model, processor, data, samples=config.eval.samples, batch_size=config.eval.batch_size)
+        model = _plain(run.engine)
+        metrics = quick_eval(
+            model, run.processor, run.eval_data, samples=config.eval.samples, batch_size=config.eval.batch_size
+        )
         model.train()
     if ctx.main:
         with path.open("a") as log:
