@@ -17,8 +17,9 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"eval"},
     {"train", "inference", "baselines"},
-    {"quickstart", "demo"},
-    {"experiments", "pretrain"},
+    {"pipeline", "demo"},
+    {"quickstart", "pretrain"},
+    {"experiments"},
     {"cli"},
 ]
 TOP = {"__init__", "__main__"}  # the package's front door (re-exports) and `python -m perceptio`
@@ -63,7 +64,7 @@ def test_every_import_goes_down_the_layers() -> None:
 
 #: The synthetic world is a dataset, not a dependency of the library's machinery: only the applications that
 #: build or show it import it, and the tiny preset, whose tokenizer is trained on the world's words.
-SYNTHETIC_USERS = {"quickstart.py", "pretrain.py", "experiments/grounding.py", "demo/app.py"}
+SYNTHETIC_USERS = {"pipeline/stages.py", "pretrain.py", "experiments/grounding.py", "demo/app.py"}
 SYNTHETIC_USERS |= {f"cli/{name}.py" for name in ("data", "apps", "experiment", "training")}
 SYNTHETIC_USERS |= {"models/presets.py"}
 

@@ -19,40 +19,54 @@ with ``model.init`` and nothing else to point at.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PretrainConfig", "run_pretrain"]
+from perceptio.pipeline import (
+    Stage,
+    check_limits,
+    pretrain_segmenter,
+    render_world,
+    run_stages,
+    stage_records,
+    train_depth_tokenizer,
+    train_perceptio,
+)
 
-STAGES = ("world", "alignment", "tokenizer", "segmenter", "train", "base")
+__all__ = ["PretrainConfig", "run_pretrain"]
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    out: Path = Path("runs/base")
-    recipe: Path = Path("configs/tiny_base.yaml")
-    overrides: tuple[str, ...] = ()
-    """``key=value`` overrides of the base recipe, e.g. ``run.steps=100``."""
-    world: Path | None = None
-    """An already rendered world (``perceptio data synth``) to use instead of rendering one into ``out/world``."""
-    num_images: int = 20000
-    world_seed: int = 1
-    """Not the quickstart world's seed (0): the base never sees the images Perceptio is evaluated on."""
-    image_size: int = 128
-    tokenizer_steps: int = 1500
-    segmenter_steps: int = 1500
-    segmenter_batch_size: int = 32
-    progress: bool = True
-    command: str | None = None
-    """The command line that made the base, written on its model card."""
+    """What ``perceptio pretrain`` runs; each field's ``help`` and limits are checked here as on the command line.
+    The world's seed is not the quickstart world's (0): the base never sees the images Perceptio is evaluated on."""
+
+    out: Path = field(
+        default=Path("runs/base"), metadata={"help": "Run folder; the base model is written to OUT/base."}
+    )
+    recipe: Path = field(default=Path("configs/tiny_base.yaml"), metadata={"help": "The base recipe."})
+    overrides: tuple[str, ...] = field(
+        default=(), metadata={"help": "key=value overrides of the base recipe, e.g. run.steps=2000."}
+    )
+    world: Path | None = field(
+        default=None,
+        metadata={"help": "Use this rendered world (perceptio data synth) instead of rendering one."},
+    )
+    num_images: int = field(default=20000, metadata={"help": "Images in the pretraining world.", "min": 10})
+    world_seed: int = field(default=1, metadata={"help": "Seed of the pretraining world (not the quickstart's 0)."})
+    image_size: int = field(default=128, metadata={"help": "Side of the world's square images, in pixels."})
+    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
+    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    segmenter_batch_size: int = field(default=32, metadata={"help": "SAM2 pretraining batch size.", "min": 1})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    command: str | None = field(
+        default=None, metadata={"help": "The command line that made the base, written on its model card."}
+    )
 
     def __post_init__(self) -> None:
-        if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
-            raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
+        check_limits(self)
 
 
 def _manifest(world: Path) -> str:
@@ -78,64 +92,69 @@ def _recipe(config: PretrainConfig):  # noqa: ANN202 - TrainConfig
 
 def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage; returns the base model's folder."""
-    from perceptio.quickstart import QuickstartConfig, _digest, _segmenter, _Stages, _tokenizer, _train, _world
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(config)
-    stages = _Stages.load(out / "stages.json", order=STAGES)
     paths = {name: out / name for name in ("world", "tokenizer", "segmenter", "train", "base")}
     if config.world is not None:
         paths["world"] = Path(config.world)
-    # The quickstart's stage functions, pointed at this folder.
-    shared = QuickstartConfig(
-        out=out,
-        num_images=config.num_images,
-        world_seed=config.world_seed,
-        image_size=config.image_size,
-        tokenizer_steps=config.tokenizer_steps,
-        segmenter_steps=config.segmenter_steps,
-        segmenter_batch_size=config.segmenter_batch_size,
-        progress=config.progress,
-    )
-    settings = {
-        "world": (config.num_images, config.world_seed, config.image_size)
-        if config.world is None
-        else (_manifest(paths["world"]),),
-        "alignment": (),
-        "tokenizer": (config.tokenizer_steps,),
-        "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
-        "train": (asdict(recipe),),
-        "base": (config.command,),
-    }
-    runners: dict[str, Callable[[bool], None]] = {
-        "world": lambda resume: None if config.world is not None else _world(shared, paths["world"]),
-        "alignment": lambda resume: _alignment(paths["world"], echo),
-        "tokenizer": lambda resume: _tokenizer(shared, paths, resume),
-        "segmenter": lambda resume: _segmenter(shared, paths),
-        "train": lambda resume: _train(shared, recipe, resume),
-        "base": lambda resume: _export(config, paths, stages.records),
-    }
-    resumable = {"tokenizer", "train"}
-    previous = ""
-    for k, name in enumerate(STAGES, start=1):
-        digest = previous = _digest(previous, settings[name])
-        label = f"[{k}/{len(STAGES)}] {name}"
-        if stages.done(name, digest):
-            echo(f"{label}: finished earlier, reusing it")
-            continue
-        resume = name in resumable and stages.interrupted(name, digest)
-        folder = paths.get(name)
-        if name == "world" and config.world is not None:
-            folder = None  # the user's world is read, never removed
-        if not resume and folder is not None and folder.exists():
-            shutil.rmtree(folder)
-        stages.start(name, digest)
-        echo(f"{label}: {'resuming' if resume else 'running'}")
-        start = time.perf_counter()
-        runners[name](resume)
-        stages.finish(name, digest, time.perf_counter() - start)
-        echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
+    world = paths["world"]
+    if config.world is None:
+        rendered = Stage(
+            "world",
+            (config.num_images, config.world_seed, config.image_size),
+            lambda resume: render_world(
+                world,
+                num_images=config.num_images,
+                seed=config.world_seed,
+                image_size=config.image_size,
+                progress=config.progress,
+            ),
+            folder=world,
+        )
+    else:  # the user's world is read, never removed
+        rendered = Stage("world", (_manifest(world),), lambda resume: None)
+    stages = [
+        rendered,
+        Stage("alignment", (), lambda resume: _alignment(world, echo)),
+        Stage(
+            "tokenizer",
+            (config.tokenizer_steps,),
+            lambda resume: train_depth_tokenizer(
+                world, paths["tokenizer"], steps=config.tokenizer_steps, resume=resume, progress=config.progress
+            ),
+            folder=paths["tokenizer"],
+            resumable=True,
+        ),
+        Stage(
+            "segmenter",
+            (config.segmenter_steps, config.segmenter_batch_size),
+            lambda resume: pretrain_segmenter(
+                world,
+                paths["segmenter"],
+                steps=config.segmenter_steps,
+                batch_size=config.segmenter_batch_size,
+                resume=resume,
+                progress=config.progress,
+            ),
+            folder=paths["segmenter"],
+            resumable=True,
+        ),
+        Stage(
+            "train",
+            (asdict(recipe),),
+            lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
+            folder=paths["train"],
+            resumable=True,
+        ),
+        Stage(
+            "base",
+            (config.command,),
+            lambda resume: _export(config, paths, stage_records(out / "stages.json")),
+            folder=paths["base"],
+        ),
+    ]
+    run_stages(stages, out / "stages.json", echo=echo)
     return paths["base"]
 
 

@@ -21,9 +21,7 @@ tokenizer, training or evaluation stage with unchanged settings resumes where it
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from perceptio.pipeline import (
+    Stage,
+    check_limits,
+    pretrain_segmenter,
+    render_world,
+    run_stages,
+    stage_records,
+    train_depth_tokenizer,
+    train_perceptio,
+    world_eval_settings,
+)
 
 __all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
@@ -43,39 +53,42 @@ SPAN_TASKS = ("hardblink", "depth")
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """What the quickstart runs. The defaults are the documented ``make quickstart``; tests shrink every stage."""
+    """What the quickstart runs. The defaults are the documented ``make quickstart``; tests shrink every stage.
 
-    out: Path = Path("runs/quickstart")
-    recipe: Path = Path("configs/tiny_synth.yaml")
-    """The training recipe; its data root, tokenizer, segmenter and output folder are pointed at ``out``."""
-    overrides: tuple[str, ...] = ()
-    """``key=value`` overrides of the recipe, e.g. ``run.steps=50``."""
-    num_images: int = 4000
-    world_seed: int = 0
-    image_size: int = 128
-    tokenizer_steps: int = 1500
-    segmenter_steps: int = 1500
-    segmenter_batch_size: int = 32
-    eval_limit: int | None = None
-    """Evaluate only the first N samples of each task (None: the whole val split)."""
-    eval_batch_size: int = 16
-    gallery: int = 4
-    """Val images in the gallery (each gets a segmentation, a depth and a question prompt)."""
-    baseline_steps: int = 1000
-    """Training steps of the FiLM CNN trained directly on the VQA split (the report's "how hard is the data" row;
-    see perceptio.baselines); 0 skips it."""
-    progress: bool = True
-    base: Path | None = field(default_factory=lambda: _default_base())
-    """The pretrained tiny base Perceptio is fine-tuned from (default: the one shipped with the package); None
-    trains from random weights (``--from-scratch``)."""
+    Each field's ``help`` and limits (``min``) are the ``perceptio quickstart`` option's, and are checked here too.
+    The recipe's data root, tokenizer, segmenter and output folder are pointed at ``out``; ``eval_limit`` None
+    evaluates the whole val split; each gallery image gets a segmentation, a depth and a question prompt; the
+    baseline (the report's "how hard is the data" row) is the FiLM CNN of :mod:`perceptio.baselines` trained on the
+    VQA split alone; ``base`` None trains Perceptio from random weights (``--from-scratch``)."""
+
+    out: Path = field(default=Path("runs/quickstart"), metadata={"help": "Run folder."})
+    recipe: Path = field(default=Path("configs/tiny_synth.yaml"), metadata={"help": "Training recipe."})
+    overrides: tuple[str, ...] = field(
+        default=(), metadata={"help": "key=value overrides of the training recipe, e.g. run.steps=300."}
+    )
+    num_images: int = field(default=4000, metadata={"help": "Images in the synthetic world.", "min": 10})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
+    image_size: int = field(default=128, metadata={"help": "Side of the world's square images, in pixels."})
+    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
+    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    segmenter_batch_size: int = field(default=32, metadata={"help": "SAM2 pretraining batch size.", "min": 1})
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N samples of each task.", "min": 1}
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per evaluation batch.", "min": 1})
+    gallery: int = field(default=4, metadata={"help": "Val images in the report's gallery.", "min": 0})
+    baseline_steps: int = field(
+        default=1000,
+        metadata={"help": "Steps of the FiLM CNN VQA baseline shown in the report (0: skip it).", "min": 0},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    base: Path | None = field(
+        default_factory=lambda: _default_base(),
+        metadata={"help": "The pretrained base to fine-tune from (default: the shipped tiny base)."},
+    )
 
     def __post_init__(self) -> None:
-        if min(self.num_images, self.tokenizer_steps, self.segmenter_steps, self.segmenter_batch_size) < 1:
-            raise ValueError("num_images, tokenizer_steps, segmenter_steps and segmenter_batch_size must be >= 1")
-        if self.gallery < 0 or self.eval_batch_size < 1 or (self.eval_limit is not None and self.eval_limit < 1):
-            raise ValueError("gallery must be >= 0, eval_batch_size >= 1 and eval_limit >= 1 (or None)")
-        if self.baseline_steps < 0:
-            raise ValueError(f"baseline_steps must be >= 0 (0 skips the baseline), got {self.baseline_steps}")
+        check_limits(self)
 
 
 def _default_base() -> Path | None:
@@ -189,115 +202,89 @@ TARGETS = (
 )
 
 
-@dataclass
-class _Stages:
-    """``stages.json``: per stage, the digest of the settings (and earlier stages) it was made with, whether it
-    finished, and how long it took. A stage is marked ``running`` on disk before it starts, so an interrupted
-    stage resumes only under the same digest and a changed one starts from an empty folder."""
-
-    path: Path
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
-    order: tuple[str, ...] = STAGES
-
-    @classmethod
-    def load(cls, path: Path, order: tuple[str, ...] = STAGES) -> _Stages:
-        return cls(path, json.loads(path.read_text()) if path.is_file() else {}, order)
-
-    def done(self, name: str, digest: str) -> bool:
-        record = self.records.get(name, {})
-        return record.get("digest") == digest and record.get("status", "done") == "done"
-
-    def interrupted(self, name: str, digest: str) -> bool:
-        record = self.records.get(name, {})
-        return record.get("digest") == digest and record.get("status") == "running"
-
-    def start(self, name: str, digest: str) -> None:
-        for later in self.order[self.order.index(name) + 1 :]:
-            self.records.pop(later, None)
-        self.records[name] = {"digest": digest, "status": "running"}
-        self._write()
-
-    def finish(self, name: str, digest: str, seconds: float) -> None:
-        self.records[name] = {"digest": digest, "status": "done", "seconds": round(seconds, 1)}
-        self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records, indent=2) + "\n")
-        tmp.replace(self.path)
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = print, until: str = STAGES[-1]) -> Path:
     """Run (or resume) every stage up to ``until`` (default: all); returns the path of ``report.md``.
 
     Raises ``RunFolderLockedError`` at once when another process runs a quickstart in ``config.out``."""
     from perceptio.utils.runlock import run_lock
 
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     with run_lock(config.out, "quickstart"):  # its stages lock their own sub-folders too
         return _run_quickstart(config, echo=echo, until=until)
+
+
+def _paths(out: Path) -> dict[str, Path]:
+    return {name: out / name for name in STAGES[:-1]}
 
 
 def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], until: str) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages.load(out / "stages.json")
-    paths = {
-        "world": out / "world",
-        "baseline": out / "baseline",
-        "tokenizer": out / "tokenizer",
-        "segmenter": out / "segmenter",
-        "train": out / "train",
-        "eval": out / "eval",
-        "predictions": out / "predictions",
-    }
+    paths = _paths(out)
+    world = paths["world"]
     recipe = _recipe(config, paths)
-    previous = ""
-    settings = {
-        "world": (config.num_images, config.world_seed, config.image_size),
-        "baseline": (config.baseline_steps, asdict(_baseline_config(config))),
-        "tokenizer": (config.tokenizer_steps,),
-        "segmenter": (config.segmenter_steps, config.segmenter_batch_size),
-        "train": (asdict(recipe), _base_fingerprint(config.base)),
-        "eval": (config.eval_limit, EVAL_TASKS, SPAN_TASKS),
-        "predictions": (config.gallery,),
-        "report": (time.time(),),  # always rewritten: it is cheap
-    }
-    runners: dict[str, Callable[[bool], None]] = {  # argument: resume an interrupted run of the same stage
-        "world": lambda resume: _world(config, paths["world"]),
-        "baseline": lambda resume: _baseline(config, paths),
-        "tokenizer": lambda resume: _tokenizer(config, paths, resume),
-        "segmenter": lambda resume: _segmenter(config, paths),
-        "train": lambda resume: _train(config, recipe, resume),
-        "eval": lambda resume: _evaluate(config, paths),
-        "predictions": lambda resume: _predictions(config, paths),
-        "report": lambda resume: _report(config, paths, stages),
-    }
-    resumable = {"tokenizer", "train", "eval"}
+    stages = [
+        Stage(
+            "world",
+            (config.num_images, config.world_seed, config.image_size),
+            lambda resume: render_world(
+                world,
+                num_images=config.num_images,
+                seed=config.world_seed,
+                image_size=config.image_size,
+                progress=config.progress,
+            ),
+            folder=world,
+        ),
+        Stage(
+            "baseline",
+            (config.baseline_steps, asdict(_baseline_config(config))),
+            lambda resume: _baseline(config, paths),
+            folder=paths["baseline"],
+        ),
+        Stage(
+            "tokenizer",
+            (config.tokenizer_steps,),
+            lambda resume: train_depth_tokenizer(
+                world, paths["tokenizer"], steps=config.tokenizer_steps, resume=resume, progress=config.progress
+            ),
+            folder=paths["tokenizer"],
+            resumable=True,
+        ),
+        Stage(
+            "segmenter",
+            (config.segmenter_steps, config.segmenter_batch_size),
+            lambda resume: pretrain_segmenter(
+                world,
+                paths["segmenter"],
+                steps=config.segmenter_steps,
+                batch_size=config.segmenter_batch_size,
+                resume=resume,
+                progress=config.progress,
+            ),
+            folder=paths["segmenter"],
+            resumable=True,
+        ),
+        Stage(
+            "train",
+            (asdict(recipe), _base_fingerprint(config.base)),
+            lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
+            folder=paths["train"],
+            resumable=True,
+        ),
+        Stage(
+            "eval",
+            (config.eval_limit, EVAL_TASKS, SPAN_TASKS),
+            lambda resume: _evaluate(config, paths),  # the harness keeps finished predictions when it resumes
+            folder=paths["eval"],
+            resumable=True,
+        ),
+        Stage(
+            "predictions", (config.gallery,), lambda resume: _predictions(config, paths), folder=paths["predictions"]
+        ),
+        Stage("report", (time.time(),), lambda resume: _report(config, paths)),  # always rewritten: it is cheap
+    ]
     began = time.perf_counter()
-    for k, name in enumerate(STAGES, start=1):
-        digest = previous = _digest(previous, settings[name])
-        label = f"[{k}/{len(STAGES)}] {name}"
-        if stages.done(name, digest):
-            echo(f"{label}: finished earlier, reusing {paths.get(name, out / 'report.md')}")
-        else:
-            resume = name in resumable and stages.interrupted(name, digest)
-            folder = paths.get(name)
-            if not resume and folder is not None and folder.exists():
-                shutil.rmtree(folder)  # made with other settings, or by a stage that cannot resume
-            stages.start(name, digest)
-            echo(f"{label}: {'resuming' if resume else 'running'}")
-            start = time.perf_counter()
-            runners[name](resume)
-            stages.finish(name, digest, time.perf_counter() - start)
-            echo(f"{label}: done in {time.perf_counter() - start:.0f} s")
-        if name == until:
-            break
+    run_stages(stages, out / "stages.json", echo=echo, until=until)
     echo(f"finished in {time.perf_counter() - began:.0f} s (this run)")
     return out / "report.md"
 
@@ -326,19 +313,11 @@ def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, comma
     from perceptio.weights import export_model
 
     out = Path(config.out)
-    stages = _Stages.load(out / "stages.json")
-    if stages.records.get("report", {}).get("status") != "done":
+    records = stage_records(out / "stages.json")
+    if records.get("report", {}).get("status") != "done":
         raise FileNotFoundError(f"{out} holds no finished quickstart (stages.json has no finished report stage)")
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    recipe = _recipe(
-        config,
-        {
-            "world": out / "world",
-            "tokenizer": out / "tokenizer",
-            "segmenter": out / "segmenter",
-            "train": out / "train",
-        },
-    )
+    recipe = _recipe(config, _paths(out))
     lines = [
         "# Perceptio tiny model (quickstart)",
         "",
@@ -353,7 +332,7 @@ def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, comma
         f"| recipe | `{config.recipe}` {' '.join(config.overrides)} |",
         f"| world | {config.num_images} images, seed {config.world_seed}, {config.image_size} px |",
         f"| steps | {recipe.run.steps} of batch {recipe.run.global_batch_size}, seed {recipe.run.seed} |",
-        *[f"| wall time, {name} | {r['seconds']} s |" for name, r in stages.records.items() if "seconds" in r],
+        *[f"| wall time, {name} | {r['seconds']} s |" for name, r in records.items() if "seconds" in r],
         "",
         "## Targets (val split)",
         "",
@@ -363,18 +342,6 @@ def export_quickstart_model(config: QuickstartConfig, dest: str | Path, *, comma
 
 
 # --------------------------------------------------------------------------------------------------- stages
-
-
-def _world(config: QuickstartConfig, world: Path) -> None:
-    from perceptio.data.synthetic import WorldConfig, generate_world
-
-    generate_world(
-        world,
-        num_images=config.num_images,
-        seed=config.world_seed,
-        config=WorldConfig(image_size=config.image_size),
-        overwrite=True,
-    )
 
 
 def _baseline_config(config: QuickstartConfig):  # noqa: ANN202 - FilmBaselineConfig
@@ -396,29 +363,6 @@ def _baseline(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     (out / "film_vqa.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _tokenizer(config: QuickstartConfig, paths: dict[str, Path], resume: bool) -> None:
-    from perceptio.tokenizers.depth.pipeline import train_from_folder
-    from perceptio.tokenizers.depth.train import TokenizerTrainConfig, latest_checkpoint
-
-    out = paths["tokenizer"]
-    resume = resume and latest_checkpoint(out) is not None
-    train_from_folder(
-        paths["world"],
-        out,
-        preset="tiny",
-        train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, checkpoint_every=500),
-        resume=resume,
-        progress=config.progress,
-    )
-
-
-def _segmenter(config: QuickstartConfig, paths: dict[str, Path]) -> None:
-    from perceptio.train.segmenter import SegmenterPretrainConfig, pretrain_on_refer
-
-    train_config = SegmenterPretrainConfig(steps=config.segmenter_steps, batch_size=config.segmenter_batch_size)
-    pretrain_on_refer(paths["world"], paths["segmenter"], train_config, progress=config.progress)
-
-
 def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 - TrainConfig
     from perceptio.config import load_config
     from perceptio.train.config import TrainConfig
@@ -434,37 +378,19 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
     return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
 
 
-def _train(config: QuickstartConfig, recipe, resume: bool) -> None:  # noqa: ANN001 - TrainConfig
-    from perceptio.tokenizers.depth.pipeline import default_cache_dir
-    from perceptio.utils.checkpoints import latest_checkpoint
-    from perceptio.train.loop import train
-
-    resume = resume and latest_checkpoint(recipe.run.out_dir) is not None
-    train(recipe, resume=resume, overwrite=not resume, progress=config.progress, cache_dir=default_cache_dir())
-
-
 def _eval_settings(  # noqa: ANN202 - EvalSettings
-    config: QuickstartConfig, paths: dict[str, Path], task: str, *, constrain: bool = True
+    config: QuickstartConfig, paths: dict[str, Path], task: str, *, constrain: bool
 ):
-    from perceptio.eval.harness import EvalSettings
-
-    world = paths["world"]
-    data = {
-        "refcoco": world,
-        "hardblink": world / "hardblink" / "val",
-        "depth": world,
-        "vqa": world / "vqa" / "val.json",
-    }[task]
-    return EvalSettings(
-        task=task,
+    """The val-split evaluation of the trained model on ``task`` (into ``<task>_unconstrained`` without the
+    depth-span grammar)."""
+    return world_eval_settings(
+        paths["world"],
+        task,
+        "val",
         model=paths["train"] / "model",
-        data=data,
         out=paths["eval"] / (task if constrain else f"{task}_unconstrained"),
-        split="val",
-        image_root=world / "images" if task in ("refcoco", "vqa") else None,
         limit=config.eval_limit,
         batch_size=config.eval_batch_size,
-        resume=True,
         constrain=constrain,
     )
 
@@ -477,7 +403,7 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     metrics: dict[str, Any] = {}
     samples = {}
     for task in EVAL_TASKS:  # the library's default protocol: the depth-span grammar constrained (spans well-formed)
-        settings = _eval_settings(config, paths, task)
+        settings = _eval_settings(config, paths, task, constrain=True)
         samples[task] = load_task_samples(settings)
         metrics[task] = run_eval(settings, progress=config.progress, model=model)
     for task in SPAN_TASKS:  # unconstrained, so that the well-formed share measures the model, not the grammar
@@ -594,14 +520,16 @@ def _predictions(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _report(config: QuickstartConfig, paths: dict[str, Path], stages: _Stages) -> None:
+def _report(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     out = Path(config.out)
     summary = json.loads((paths["eval"] / "summary.json").read_text())
     _loss_curves(paths["train"]).save(out / "loss_curves.png")
     gallery = _gallery(paths)
     if gallery is not None:
         gallery.save(out / "gallery.png")
-    (out / "report.md").write_text(_report_text(config, paths, summary, stages.records, gallery is not None))
+    (out / "report.md").write_text(
+        _report_text(config, paths, summary, stage_records(out / "stages.json"), gallery is not None)
+    )
 
 
 def _loss_curves(train_dir: Path):  # noqa: ANN202 - PIL image

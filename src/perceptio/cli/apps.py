@@ -4,35 +4,34 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from perceptio.cli._common import (
+    config_command,
     fail,
 )
+from perceptio.quickstart import QuickstartConfig
 
 
+@config_command(
+    QuickstartConfig,
+    "overrides",
+    "out",
+    "recipe",
+    "num_images",
+    "world_seed",
+    "tokenizer_steps",
+    "segmenter_steps",
+    "eval_limit",
+    "gallery",
+    "baseline_steps",
+    "base",
+    arguments=("overrides",),
+)
 def quickstart(
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides of the training recipe, e.g. run.steps=300.")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
-    recipe: Annotated[Path, typer.Option(help="Training recipe.")] = Path("configs/tiny_synth.yaml"),
-    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 4000,
-    world_seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
-    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
-    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
-    eval_limit: Annotated[
-        int | None, typer.Option(min=1, help="Evaluate only the first N samples of each task.")
-    ] = None,
-    gallery: Annotated[int, typer.Option(min=0, help="Val images in the report's gallery.")] = 4,
-    baseline_steps: Annotated[
-        int, typer.Option(min=0, help="Steps of the FiLM CNN VQA baseline shown in the report (0: skip it).")
-    ] = 1000,
-    base: Annotated[
-        Path | None, typer.Option(help="The pretrained base to fine-tune from (default: the shipped tiny base).")
-    ] = None,
+    settings: dict[str, Any],
     from_scratch: Annotated[
         bool, typer.Option("--from-scratch", help="Train Perceptio from random weights instead of the base.")
     ] = False,
@@ -49,27 +48,16 @@ def quickstart(
     from perceptio.config import ConfigError
     from perceptio.data.errors import DataError
     from perceptio.eval.harness import IncompleteEvaluationError
-    from perceptio.quickstart import QuickstartConfig, export_quickstart_model, run_quickstart
+    from perceptio.quickstart import export_quickstart_model, run_quickstart
     from perceptio.utils.runlock import RunFolderLockedError
 
+    recipe = settings["recipe"]
     if not recipe.is_file():
         fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
     try:
-        config = QuickstartConfig(
-            out=out,
-            recipe=recipe,
-            overrides=tuple(overrides or ()),
-            num_images=num_images,
-            world_seed=world_seed,
-            tokenizer_steps=tokenizer_steps,
-            segmenter_steps=segmenter_steps,
-            eval_limit=eval_limit,
-            gallery=gallery,
-            baseline_steps=baseline_steps,
-            **({"base": None} if from_scratch else {"base": base} if base is not None else {}),
-        )
-        if from_scratch and base is not None:
+        if from_scratch and "base" in settings:
             fail("--base and --from-scratch exclude each other")
+        config = QuickstartConfig(**settings, **({"base": None} if from_scratch else {}))
         typer.echo(f"starting from {config.base or 'random weights (--from-scratch)'}")
         report = run_quickstart(config, echo=typer.echo)
         if export is not None:

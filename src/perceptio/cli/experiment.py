@@ -3,58 +3,58 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from perceptio.cli._common import (
+    config_command,
     fail,
 )
 from perceptio.experiments.grounding import ARMS as LADDER_ARMS
 from perceptio.experiments.grounding import LEVELS
+from perceptio.experiments.spatial_cot import SpatialCotConfig
 
 experiment_app = typer.Typer(help="Controlled experiments on the synthetic world.", no_args_is_help=True)
 
 
 @experiment_app.command("spatial-cot")
+@config_command(
+    SpatialCotConfig,
+    "out",
+    "overrides",
+    "budget_minutes",
+    "steps",
+    "preset",
+    "seeds",
+    "recipe",
+    "num_images",
+    "eval_limit",
+    "tokenizer_steps",
+    "segmenter_steps",
+    "jobs",
+    "arms",
+    "base",
+    arguments=("overrides",),
+)
 def experiment_spatial_cot(
-    out: Annotated[Path, typer.Option(help="Experiment folder (reused and resumed when it exists).")],
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value recipe overrides applied to every arm.")
-    ] = None,
-    budget_minutes: Annotated[
-        float, typer.Option(min=0.0, help="Training budget per arm: the steps the spatial arm makes in M minutes.")
-    ] = 10.0,
-    steps: Annotated[int | None, typer.Option(min=1, help="Steps per arm (instead of --budget-minutes).")] = None,
-    preset: Annotated[str, typer.Option(help="Model preset: tiny or smol.")] = "tiny",
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm (0..N-1).")] = 1,
-    recipe: Annotated[Path, typer.Option(help="Training recipe shared by the arms.")] = Path("configs/tiny_synth.yaml"),
-    num_images: Annotated[int, typer.Option(min=10, help="Images in the synthetic world.")] = 4000,
-    eval_limit: Annotated[int | None, typer.Option(min=1, help="Samples per task and split evaluated.")] = 300,
-    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
-    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
-    jobs: Annotated[int | None, typer.Option(min=1, help="Processes at once (default: the number of cores).")] = None,
-    arms: Annotated[
-        str, typer.Option(help="Comma-separated arms to run: spatial, direct, no_marker_count.")
-    ] = "spatial,direct,no_marker_count",
-    base: Annotated[
-        Path | None,
-        typer.Option(help="Fine-tune every arm from this pretrained base (default: the shipped tiny base, tiny only)."),
-    ] = None,
+    settings: dict[str, Any],
     from_scratch: Annotated[
         bool, typer.Option("--from-scratch", help="Train every arm from the preset's random weights.")
     ] = False,
 ) -> None:
     """Train and evaluate, on the same data and budget, Perceptio with spatial tokens before the answer, the same
     model answering directly, and Perceptio without the marker and count losses; write results.md."""
-    from perceptio.experiments.spatial_cot import SpatialCotConfig, run_spatial_cot
+    from perceptio.experiments.spatial_cot import run_spatial_cot
 
+    out, recipe, base = settings["out"], settings["recipe"], settings["base"]
     if not recipe.is_file():
         fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
-    budget = f"--steps {steps}" if steps is not None else f"--budget-minutes {budget_minutes:g}"
+    steps = settings["steps"]
+    budget = f"--steps {steps}" if steps is not None else f"--budget-minutes {settings['budget_minutes']:g}"
     if from_scratch and base is not None:
         fail("--base and --from-scratch exclude each other")
-    if base is None and not from_scratch and preset == "tiny":
+    if base is None and not from_scratch and settings["preset"] == "tiny":
         from perceptio.weights import shipped
 
         try:
@@ -63,28 +63,14 @@ def experiment_spatial_cot(
             base = None  # a checkout without the shipped weights trains from scratch, as the report says
     start = f" --base {base}" if base is not None else " --from-scratch"
     command = (
-        f"perceptio experiment spatial-cot --out {out} {budget} --preset {preset} --seeds {seeds} --recipe {recipe} "
-        f"--num-images {num_images} --eval-limit {eval_limit} --tokenizer-steps {tokenizer_steps} "
-        f"--segmenter-steps {segmenter_steps} --arms {arms}{start}" + "".join(f" {o}" for o in overrides or [])
+        f"perceptio experiment spatial-cot --out {out} {budget} --preset {settings['preset']} "
+        f"--seeds {settings['seeds']} --recipe {recipe} --num-images {settings['num_images']} "
+        f"--eval-limit {settings['eval_limit']} --tokenizer-steps {settings['tokenizer_steps']} "
+        f"--segmenter-steps {settings['segmenter_steps']} --arms {','.join(settings['arms'])}{start}"
+        + "".join(f" {o}" for o in settings["overrides"])
     )
     try:
-        config = SpatialCotConfig(
-            command=command,
-            out=out,
-            preset=preset,
-            recipe=recipe,
-            overrides=tuple(overrides or ()),
-            steps=steps,
-            budget_minutes=budget_minutes,
-            seeds=seeds,
-            num_images=num_images,
-            eval_limit=eval_limit,
-            tokenizer_steps=tokenizer_steps,
-            segmenter_steps=segmenter_steps,
-            arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
-            base=base,
-            **({"jobs": jobs} if jobs else {}),
-        )
+        config = SpatialCotConfig(**{**settings, "base": base}, command=command)
         run_spatial_cot(config, echo=typer.echo)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         fail(str(err))

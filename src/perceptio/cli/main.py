@@ -30,6 +30,22 @@ from perceptio.errors import UserError  # noqa: E402
 
 __all__ = ["app", "main"]
 
+
+def _flags_without_a_type() -> None:
+    """typer's help shows a type column for every option, so a flag reads ``--resume <bool>`` as if it took a
+    value; a flag (``--help`` included) shows none."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_a_type()
+
 app = typer.Typer(
     name="perceptio", help="Perceptio: spatial tokens before the answer.", no_args_is_help=True, add_completion=False
 )

@@ -21,22 +21,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from perceptio.data.readers import read_hardblink
-from perceptio.eval.tasks import balance_point_counts
+from perceptio.pipeline import (
+    Job,
+    check_limits,
+    fresh_folder,
+    run_jobs,
+    stage_records,
+    train_perceptio,
+    world_eval_settings,
+)
 from perceptio.quickstart import QuickstartConfig, run_quickstart
-from perceptio.utils.checkpoints import latest_checkpoint
 from perceptio.utils.jsonl import read_jsonl
+
+if TYPE_CHECKING:
+    from perceptio.eval.harness import EvalSettings
+    from perceptio.train.config import TrainConfig
 
 __all__ = ["ARMS", "Arm", "SpatialCotConfig", "run_spatial_cot"]
 
@@ -58,45 +67,58 @@ ARMS = (
     ),
 )
 
-#: (task, data path inside the world, splits) evaluated for every arm.
-EVALS = (
-    ("refcoco", ".", ("val", "test")),
-    ("hardblink", "hardblink/{split}", ("val", "test")),
-    ("vqa", "vqa/{split}.json", ("val", "test")),
-)
+#: (task, splits) evaluated for every arm.
+EVALS = (("refcoco", ("val", "test")), ("hardblink", ("val", "test")), ("vqa", ("val", "test")))
+EVAL_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
 class SpatialCotConfig:
-    out: Path
-    preset: str = "tiny"
-    recipe: Path = Path("configs/tiny_synth.yaml")
-    overrides: tuple[str, ...] = ()
-    """``key=value`` recipe overrides applied to every arm."""
-    steps: int | None = None
-    budget_minutes: float = 10.0
-    seeds: int = 1
-    num_images: int = 4000
-    tokenizer_steps: int = 1500
-    segmenter_steps: int = 1500
-    eval_limit: int | None = 300
-    """Samples per (task, split) evaluated (None: all)."""
-    jobs: int = field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))))
-    """Processes at once (one thread each)."""
-    arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
-    progress: bool = True
-    command: str | None = None
-    """The command line that started the experiment, recorded with the results."""
-    base: Path | None = None
-    """A pretrained base every arm fine-tunes from (``model.init``; the ``tiny`` preset's architecture), as the
-    paper fine-tunes from InternVL; None trains every arm from the preset's random weights."""
+    """What the experiment runs; each field's ``help`` and limits are the ``perceptio experiment spatial-cot``
+    option's, and are checked here too. ``base`` None trains every arm from the preset's random weights (the
+    command line defaults to the shipped tiny base for the ``tiny`` preset), as the paper fine-tunes from InternVL.
+    The field order is that of ``results.json``'s ``config``."""
+
+    out: Path = field(metadata={"help": "Experiment folder (reused and resumed when it exists)."})
+    preset: str = field(default="tiny", metadata={"help": "Model preset: tiny or smol."})
+    recipe: Path = field(
+        default=Path("configs/tiny_synth.yaml"), metadata={"help": "Training recipe shared by the arms."}
+    )
+    overrides: tuple[str, ...] = field(
+        default=(), metadata={"help": "key=value recipe overrides applied to every arm."}
+    )
+    steps: int | None = field(default=None, metadata={"help": "Steps per arm (instead of --budget-minutes).", "min": 1})
+    budget_minutes: float = field(
+        default=10.0,
+        metadata={"help": "Training budget per arm: the steps the spatial arm makes in M minutes.", "min": 0.0},
+    )
+    seeds: int = field(default=1, metadata={"help": "Seeds per arm (0..N-1).", "min": 1})
+    num_images: int = field(default=4000, metadata={"help": "Images in the synthetic world.", "min": 10})
+    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
+    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    eval_limit: int | None = field(default=300, metadata={"help": "Samples per task and split evaluated.", "min": 1})
+    jobs: int = field(
+        default_factory=lambda: max(1, len(os.sched_getaffinity(0))),
+        metadata={"help": "Processes at once (default: the number of cores).", "min": 1},
+    )
+    arms: tuple[str, ...] = field(
+        default=tuple(arm.name for arm in ARMS),
+        metadata={"help": "Comma-separated arms to run: spatial, direct, no_marker_count."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    command: str | None = field(
+        default=None, metadata={"help": "The command line that started the experiment, recorded with the results."}
+    )
+    base: Path | None = field(
+        default=None,
+        metadata={"help": "Fine-tune every arm from this pretrained base (default: the shipped tiny base, tiny only)."},
+    )
 
     def __post_init__(self) -> None:
+        check_limits(self)
         known = {arm.name for arm in ARMS}
         if unknown := sorted(set(self.arms) - known):
             raise ValueError(f"unknown arm(s) {unknown}; the arms are {sorted(known)}")
-        if self.seeds < 1 or self.jobs < 1 or (self.steps is not None and self.steps < 1):
-            raise ValueError("seeds, jobs and steps must be at least 1")
         if self.steps is None and not self.budget_minutes > 0:
             raise ValueError("give --steps or a positive --budget-minutes")
         if self.preset not in ("tiny", "smol"):
@@ -105,76 +127,23 @@ class SpatialCotConfig:
             raise FileNotFoundError(f"{self.base}/config.json not found: --base must be a saved Perceptio model")
 
 
-@dataclass
-class _Job:
-    name: str
-    command: list[str]
-    log: Path
-    done: Callable[[], bool]
-    progress: Callable[[], str] = lambda: ""
-
-
-def _tail(path: Path, lines: int = 15) -> list[str]:
-    """The last non-empty lines of a log (progress-bar carriage returns split into lines)."""
-    text = path.read_text(errors="replace").replace("\r", "\n") if path.is_file() else ""
-    return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
-def _run_jobs(jobs: list[_Job], parallel: int, echo: Callable[[str], None]) -> None:
-    """Run the unfinished jobs, ``parallel`` at a time, one thread each; report progress every 30 s. Logs are
-    appended to (an interrupted job's log is kept); on an error or Ctrl-C the running jobs are stopped."""
-    pending = [job for job in jobs if not job.done()]
-    for job in jobs:
-        if job not in pending:
-            echo(f"  {job.name}: finished earlier, reusing")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    running: list[tuple[_Job, subprocess.Popen, Any]] = []
-    failed: list[str] = []
-    last_report = time.monotonic()
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                job = pending.pop(0)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                handle = job.log.open("a")
-                handle.write(f"\n$ {' '.join(job.command)}\n")
-                handle.flush()
-                echo(f"  {job.name}: started (log {job.log})")
-                process = subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-                running.append((job, process, handle))
-            time.sleep(2)
-            for item in list(running):
-                job, process, handle = item
-                if process.poll() is None:
-                    continue
-                handle.close()
-                running.remove(item)
-                if process.returncode != 0 or not job.done():
-                    failed.append(job.name)
-                    echo(f"  {job.name}: FAILED (exit {process.returncode}); the end of {job.log}:")
-                    echo("    " + "\n    ".join(_tail(job.log)))
-                else:
-                    echo(f"  {job.name}: done")
-            if running and time.monotonic() - last_report > 30:
-                last_report = time.monotonic()
-                echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _, _ in running))
-    finally:
-        for _, process, handle in running:  # only on an exception: stop what is still running
-            process.terminate()
-            process.wait()
-            handle.close()
-    if failed:
-        raise RuntimeError(f"{len(failed)} job(s) failed: {', '.join(failed)}; their logs name the cause")
-
-
 def _last_step(run_dir: Path) -> int:
     logs = read_jsonl(run_dir / "train_log.jsonl") if (run_dir / "train_log.jsonl").is_file() else []
     return int(logs[-1]["step"]) if logs else 0
 
 
-def _train_command(config: SpatialCotConfig, overrides: list[str], out_dir: Path) -> list[str]:
-    flag = "--resume" if out_dir.is_dir() and latest_checkpoint(out_dir) is not None else "--overwrite"
-    return [sys.executable, "-m", "perceptio", "train", "-c", str(config.recipe), *overrides, flag]
+def _recipe(config: SpatialCotConfig, overrides: list[str]) -> TrainConfig:
+    from perceptio.config import load_config
+    from perceptio.train.config import TrainConfig
+
+    return load_config(TrainConfig, config.recipe, overrides)
+
+
+def _train_job(
+    name: str, recipe: TrainConfig, log: Path, done: Callable[[], bool], progress: Callable[[], str] = lambda: ""
+) -> Job:
+    """Train ``recipe`` in a job process, resuming from its newest checkpoint when there is one."""
+    return Job(name, partial(train_perceptio, recipe, resume=True, progress=False), log, done, progress)
 
 
 def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
@@ -192,36 +161,46 @@ def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
     ]
 
 
-def _fresh(folder: Path, payload: Any) -> None:
-    """Make ``folder`` hold work done with ``payload`` (the settings, next to it as ``<folder>.settings.json``):
-    kept when the settings are the same (finished or resumable), emptied when they changed."""
-    stamp = folder.with_name(folder.name + ".settings.json")
-    text = json.dumps(payload, sort_keys=True, default=str)
-    if not (stamp.is_file() and stamp.read_text() == text):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(text)
-
-
 def _probe_rate(config: SpatialCotConfig, base: list[str], upstream: str, echo: Callable[[str], None]) -> float:
     """Steps per second of the spatial arm on one thread, from a short timed run (its first log window, which
     holds the start-up costs, is left out)."""
     probe = Path(config.out) / "probe"
     overrides = [*base, f"run.out_dir={probe}", "run.steps=40", "run.log_every=10", "run.checkpoint_every=0"]
-    _fresh(probe, {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream})
+    fresh_folder(probe, {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream})
     finished = lambda: (probe / "model" / "model.safetensors").is_file()  # noqa: E731
-    _run_jobs([_Job("probe", _train_command(config, overrides, probe), probe / "train.log", finished)], 1, echo)
+    run_jobs([_train_job("probe", _recipe(config, overrides), probe / "train.log", finished)], 1, echo=echo)
     logs = read_jsonl(probe / "train_log.jsonl")
     first, last = logs[0], logs[-1]
     return (last["step"] - first["step"]) / max(1e-6, last["seconds"] - first["seconds"])
 
 
+def _eval_command(settings: EvalSettings) -> list[str]:
+    """The ``perceptio eval`` command line of ``settings``: what an evaluation's settings stamp records (as it
+    always has, so earlier experiment folders are still recognised), and what reruns it by hand."""
+    command = [
+        sys.executable, "-m", "perceptio", "eval", settings.task,
+        "--model", str(settings.model),
+        "--data", str(settings.data),
+        "--out", str(settings.out),
+        "--split", str(settings.split),
+        "--no-constrain",  # the direct arm's model bans the depth span itself: it was saved that way
+        "--batch-size", str(settings.batch_size),
+    ]  # fmt: skip
+    if settings.image_root is not None:
+        command += ["--image-root", str(settings.image_root)]
+    if settings.limit is not None:
+        command += ["--limit", str(settings.limit)]
+    return command
+
+
 def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the experiment; returns the results (also written to ``results.json`` / ``results.md``).
 
-    Each training run and evaluation keeps its settings next to its folder: a repeated command reuses finished
-    work and resumes interrupted training; changed settings (or a changed world, tokenizer or segmenter) redo
-    the affected runs from scratch."""
+    Each training run and evaluation keeps its settings next to its folder (:func:`perceptio.pipeline.fresh_folder`):
+    a repeated command reuses finished work and resumes interrupted training; changed settings (or a changed world,
+    tokenizer or segmenter) redo the affected runs from scratch."""
+    from perceptio.eval.harness import run_eval
+
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -236,7 +215,7 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
     )
     echo("[1/4] world, depth tokenizer and pretrained segmenter")
     run_quickstart(qs, echo=lambda line: echo("  " + line), until="segmenter")
-    upstream = json.loads((out / "stages.json").read_text())["segmenter"]["digest"]  # chains world and tokenizer
+    upstream = stage_records(out / "stages.json")["segmenter"]["digest"]  # chains world and tokenizer
     base = _base_overrides(config, out)
     if config.steps is not None:
         steps, rate = config.steps, None
@@ -263,50 +242,45 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
                 f"run.checkpoint_every={max(50, steps // 4)}",
             ]
             trained[(arm.name, seed)] = {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream}
-            _fresh(run_dir, trained[(arm.name, seed)])
+            fresh_folder(run_dir, trained[(arm.name, seed)])
             jobs.append(
-                _Job(
+                _train_job(
                     f"train {arm.name} seed {seed}",
-                    _train_command(config, overrides, run_dir),
+                    _recipe(config, overrides),
                     run_dir.parent / f"{run_dir.name}.train.log",
-                    done=lambda d=run_dir: (d / "model" / "model.safetensors").is_file() and _last_step(d) >= steps,
+                    lambda d=run_dir: (d / "model" / "model.safetensors").is_file() and _last_step(d) >= steps,
                     progress=lambda d=run_dir: f"step {_last_step(d)}/{steps}",
                 )
             )
     echo(f"[3/4] training {len(jobs)} run(s), {min(config.jobs, len(jobs))} at a time")
     train_began = time.perf_counter()
-    _run_jobs(jobs, config.jobs, echo)
+    run_jobs(jobs, config.jobs, echo=echo)
     train_seconds = time.perf_counter() - train_began
     echo("[4/4] evaluating (unconstrained greedy decoding)")
-    world = out / "world"
     eval_jobs = []
     for (arm_name, seed), run_dir in runs.items():
-        for task, data, splits in EVALS:
+        for task, splits in EVALS:
             for split in splits:
-                target = run_dir / "eval" / f"{task}_{split}"
-                command = [
-                    sys.executable, "-m", "perceptio", "eval", task,
-                    "--model", str(run_dir / "model"),
-                    "--data", str(world / data.format(split=split)),
-                    "--out", str(target),
-                    "--split", split,
-                    "--no-constrain",  # the direct arm's model bans the depth span itself: it was saved that way
-                    "--batch-size", "16",
-                ]  # fmt: skip
-                if task in ("refcoco", "vqa"):
-                    command += ["--image-root", str(world / "images")]
-                if config.eval_limit is not None:
-                    command += ["--limit", str(config.eval_limit)]
-                _fresh(target, {"command": command, "model": trained[(arm_name, seed)]})
+                settings = world_eval_settings(
+                    out / "world",
+                    task,
+                    split,
+                    model=run_dir / "model",
+                    out=run_dir / "eval" / f"{task}_{split}",
+                    limit=config.eval_limit,
+                    batch_size=EVAL_BATCH_SIZE,
+                    constrain=False,
+                )
+                fresh_folder(settings.out, {"command": _eval_command(settings), "model": trained[(arm_name, seed)]})
                 eval_jobs.append(
-                    _Job(
+                    Job(
                         f"eval {arm_name} seed {seed} {task} {split}",
-                        [*command, "--resume"],
-                        target.parent / f"{task}_{split}.log",
-                        done=lambda t=target: (t / "metrics.json").is_file(),
+                        partial(run_eval, settings, progress=False),
+                        run_dir / "eval" / f"{task}_{split}.log",
+                        done=lambda t=settings.out: (t / "metrics.json").is_file(),
                     )
                 )
-    _run_jobs(eval_jobs, config.jobs, echo)
+    run_jobs(eval_jobs, config.jobs, echo=echo)
     results = _collect(config, runs, steps, rate, train_seconds, time.perf_counter() - began)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_table(results))
@@ -344,6 +318,9 @@ def _collect(
     train_seconds: float,
     total_seconds: float,
 ) -> dict[str, Any]:
+    from perceptio.data.readers import read_hardblink
+    from perceptio.eval.tasks import balance_point_counts
+
     table: dict[str, dict[str, Any]] = {}
     for arm in (a for a in ARMS if a.name in config.arms):
         per_split: dict[str, Any] = {}

@@ -28,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SegmenterPretrainConfig",
     "TrainConfig",
     "TrainableConfig",
 ]
@@ -288,3 +289,27 @@ class TrainConfig:
                 f"run.micro_batch_size ({self.run.micro_batch_size}) exceeds run.global_batch_size "
                 f"({self.run.global_batch_size})"
             )
+
+
+@dataclass(frozen=True)
+class SegmenterPretrainConfig:
+    """Optimisation of the segmenter pretraining."""
+
+    steps: int = field(default=1500, metadata={"help": "Optimiser steps.", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "Objects per step.", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine to 0).", "min": 0.0})
+    weight_decay: float = 0.01
+    box_fraction: float = 0.5
+    """Share of prompts that are boxes (the rest are single positive points)."""
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and sampling."})
+    log_every: int = 50
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints (0: none)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.box_fraction <= 1:
+            raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0 and 0 <= box_fraction <= 1, got {self}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError(f"need checkpoint_every >= 0, keep_checkpoints >= 1 and log_every >= 1, got {self}")

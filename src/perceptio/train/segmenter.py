@@ -29,6 +29,7 @@ from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
 from perceptio.models.sam2 import without_stability_swap
+from perceptio.train.config import SegmenterPretrainConfig
 from perceptio.utils.checkpoints import (
     gather_state,
     last_good_checkpoint,
@@ -48,30 +49,6 @@ __all__ = [
     "pretrain_on_refer",
     "pretrain_segmenter",
 ]
-
-
-@dataclass(frozen=True)
-class SegmenterPretrainConfig:
-    """Optimisation of the segmenter pretraining."""
-
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    box_fraction: float = 0.5
-    """Share of prompts that are boxes (the rest are single positive points)."""
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    """Steps between resumable checkpoints (0: none)."""
-    keep_checkpoints: int = 2
-    """How many recent checkpoints to keep."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.box_fraction <= 1:
-            raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0 and 0 <= box_fraction <= 1, got {self}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1:
-            raise ValueError(f"need checkpoint_every >= 0, keep_checkpoints >= 1 and log_every >= 1, got {self}")
 
 
 #: Settings that may change between a checkpoint and its resumption (they do not change the trajectory).

@@ -1,0 +1,129 @@
+"""Several Python jobs at once, each in its own process on one thread, with its output in a log file.
+
+An experiment's training runs and evaluations are independent and each fits one core, so they run side by side,
+as many at a time as there are cores. Every job gets a fresh ``spawn``ed process rather than a seat in a
+``ProcessPoolExecutor``: a job killed from outside (out of memory) then fails alone instead of breaking the pool
+under the others, and an error or Ctrl-C here can stop the jobs still running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from perceptio.errors import UserError
+
+__all__ = ["Job", "JobsFailedError", "run_jobs"]
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+"""Set in each job's process before its work starts: one thread per job, no progress bars in the logs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for :func:`run_jobs`.
+
+    Attributes:
+        name: shown in the progress lines.
+        call: the work; it is sent to a new process, so it must pickle (a module-level function, or a
+            ``functools.partial`` of one with picklable arguments). Its return value is not used.
+        log: the file its output (stdout and stderr, a traceback included) is appended to.
+        done: whether its work is finished (checked before, to skip it, and after, to confirm it).
+        progress: a short note of how far it is, shown every ``report_every`` seconds while it runs.
+    """
+
+    name: str
+    call: Callable[[], object]
+    log: Path
+    done: Callable[[], bool]
+    progress: Callable[[], str] = lambda: ""
+
+
+class JobsFailedError(UserError, RuntimeError):
+    """Some jobs failed; each failure was reported with the end of its log."""
+
+
+def _work(call: Callable[[], object], log: Path, name: str) -> None:
+    """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too)."""
+    os.environ.update(ONE_THREAD)
+    if "torch" in sys.modules:  # imported already while unpickling ``call`` (the evaluation harness imports it)
+        import torch
+
+        torch.set_num_threads(1)
+    handle = log.open("a")
+    handle.write(f"\n--- {name} ---\n")
+    handle.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+    call()
+
+
+def _tail(path: Path, lines: int = 15) -> list[str]:
+    """The last non-empty lines of a log (progress-bar carriage returns split into lines)."""
+    text = path.read_text(errors="replace").replace("\r", "\n") if path.is_file() else ""
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    parallel: int,
+    *,
+    echo: Callable[[str], None] = print,
+    report_every: float = 30.0,
+) -> None:
+    """Run the unfinished ``jobs``, ``parallel`` at a time, each in a new process on one thread.
+
+    Prints when each job is reused, starts, finishes or fails (a failure with the end of its log), and every
+    ``report_every`` seconds the ``progress`` of those running. Logs are appended to, so an interrupted job's log
+    is kept. A failed job does not stop the others.
+
+    Raises:
+        JobsFailedError: after all jobs ended, when any failed (exited with an error, or did not finish its work).
+    """
+    finished = {id(job) for job in jobs if job.done()}
+    for job in jobs:
+        if id(job) in finished:
+            echo(f"  {job.name}: finished earlier, reusing")
+    pending = [job for job in jobs if id(job) not in finished]
+    spawn = multiprocessing.get_context("spawn")
+    running: list[tuple[Job, BaseProcess]] = []
+    failed: list[str] = []
+    last_report = time.monotonic()
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                echo(f"  {job.name}: started (log {job.log})")
+                process = spawn.Process(target=_work, args=(job.call, job.log, job.name), name=job.name)
+                process.start()
+                running.append((job, process))
+            wait([process.sentinel for _, process in running], timeout=2.0)
+            for item in list(running):
+                job, process = item
+                if process.exitcode is None:
+                    continue
+                process.join()
+                running.remove(item)
+                if process.exitcode != 0 or not job.done():
+                    failed.append(job.name)
+                    echo(f"  {job.name}: FAILED (exit {process.exitcode}); the end of {job.log}:")
+                    echo("    " + "\n    ".join(_tail(job.log)))
+                else:
+                    echo(f"  {job.name}: done")
+            if running and time.monotonic() - last_report > report_every:
+                last_report = time.monotonic()
+                echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _ in running))
+    finally:
+        for _, process in running:  # only on an exception here (Ctrl-C): stop what is still running
+            process.terminate()
+            process.join()
+    if failed:
+        raise JobsFailedError(f"{len(failed)} job(s) failed: {', '.join(failed)}; their logs name the cause")

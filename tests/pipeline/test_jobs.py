@@ -1,0 +1,51 @@
+"""Parallel jobs as Python calls: each in its own process on one thread with its output in a log, a failure
+reported with the end of its log, finished jobs not redone."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from perceptio.pipeline import Job, JobsFailedError, run_jobs
+
+
+def _writes(path: Path, text: str) -> Job:
+    return Job(f"write {path.name}", partial(Path.write_text, path, text), path.with_suffix(".log"), path.is_file)
+
+
+def test_jobs_run_in_their_own_processes_with_their_output_in_the_log(tmp_path: Path) -> None:
+    lines: list[str] = []
+    jobs = [_writes(tmp_path / f"out{k}.txt", str(k)) for k in range(3)]
+    shell = tmp_path / "shell.log"
+    jobs.append(Job("shell", partial(os.system, "echo threads=$OMP_NUM_THREADS"), shell, shell.is_file))
+    run_jobs(jobs, 2, echo=lines.append)
+    assert [(tmp_path / f"out{k}.txt").read_text() for k in range(3)] == ["0", "1", "2"]
+    assert "threads=1" in shell.read_text() and "--- shell ---" in shell.read_text()
+    assert f"  shell: started (log {shell})" in lines and "  shell: done" in lines
+
+
+def test_a_failing_job_is_reported_with_its_log_tail_and_the_others_finish(tmp_path: Path) -> None:
+    lines: list[str] = []
+    log = tmp_path / "bad.log"
+    bad = Job("bad", partial(json.loads, "{not json"), log, lambda: False)
+    good = _writes(tmp_path / "good.txt", "ok")
+    with pytest.raises(JobsFailedError, match=r"1 job\(s\) failed: bad; their logs name the cause"):
+        run_jobs([bad, good], 1, echo=lines.append)
+    assert (tmp_path / "good.txt").read_text() == "ok"
+    assert f"  bad: FAILED (exit 1); the end of {log}:" in lines
+    tail = lines[lines.index(f"  bad: FAILED (exit 1); the end of {log}:") + 1]
+    assert "JSONDecodeError" in tail and "Traceback" in log.read_text()
+
+
+def test_finished_jobs_are_not_redone_and_unfinished_work_counts_as_a_failure(tmp_path: Path) -> None:
+    lines: list[str] = []
+    done = Job("done", partial(json.loads, "{would fail if run"), tmp_path / "done.log", lambda: True)
+    silent = Job("silent", partial(print, "exits 0, writes nothing"), tmp_path / "silent.log", lambda: False)
+    with pytest.raises(JobsFailedError, match="silent"):
+        run_jobs([done, silent], 2, echo=lines.append)
+    assert lines[0] == "  done: finished earlier, reusing" and not (tmp_path / "done.log").exists()
+    assert "  silent: FAILED (exit 0); the end of" in lines[2] and "exits 0, writes nothing" in lines[3]
