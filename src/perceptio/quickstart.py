@@ -33,6 +33,7 @@ import numpy as np
 
 from perceptio.pipeline import (
     Stage,
+    base_fingerprint,
     check_limits,
     pretrain_segmenter,
     render_world,
@@ -98,18 +99,6 @@ def _default_base() -> Path | None:
         return shipped("tiny-base")
     except FileNotFoundError:
         return None
-
-
-def _base_fingerprint(base: Path | None) -> str | None:
-    """What identifies a base in the stage digests: its checksums (a retrained base retrains the model)."""
-    if base is None:
-        return None
-    sums = Path(base) / "SHA256SUMS"
-    if not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the base model {base} has no config.json; make one with `perceptio pretrain` or pass --from-scratch"
-        )
-    return sums.read_text() if sums.is_file() else str(Path(base).resolve())
 
 
 @dataclass(frozen=True)
@@ -266,7 +255,7 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
         ),
         Stage(
             "train",
-            (asdict(recipe), _base_fingerprint(config.base)),
+            (asdict(recipe), base_fingerprint(config.base)),
             lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
             folder=paths["train"],
             resumable=True,

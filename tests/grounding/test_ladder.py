@@ -79,6 +79,8 @@ def test_cli_runs_tabulates_and_reuses_jobs(world_dir: Path, tmp_path: Path) -> 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "| L0 whole-image colour |" in result.output and "(gap" in result.output
+    assert "  L2 center seed 0: done, accuracy " in result.output and "image-use gap" in result.output
+    assert "--- L0 baseline seed 0 ---" in (out / "jobs" / "L0-baseline-s0.log").read_text()  # its own log
     summary = json.loads((out / "results.json").read_text())
     assert {(j["level"], j["arm"]) for j in summary["jobs"]} == {
         ("L0", "baseline"),

@@ -22,10 +22,16 @@ def test_jobs_run_in_their_own_processes_with_their_output_in_the_log(tmp_path: 
     jobs = [_writes(tmp_path / f"out{k}.txt", str(k)) for k in range(3)]
     shell = tmp_path / "shell.log"
     jobs.append(Job("shell", partial(os.system, "echo threads=$OMP_NUM_THREADS"), shell, shell.is_file))
+    noted = tmp_path / "noted.txt"
+    write = partial(Path.write_text, noted, "7")
+    jobs.append(
+        Job("noted", write, noted.with_suffix(".log"), noted.is_file, outcome=lambda: f"wrote {noted.read_text()}")
+    )
     run_jobs(jobs, 2, echo=lines.append)
     assert [(tmp_path / f"out{k}.txt").read_text() for k in range(3)] == ["0", "1", "2"]
     assert "threads=1" in shell.read_text() and "--- shell ---" in shell.read_text()
     assert f"  shell: started (log {shell})" in lines and "  shell: done" in lines
+    assert "  noted: done, wrote 7" in lines  # the outcome, read by the parent from what the job left on disk
 
 
 def test_a_failing_job_is_reported_with_its_log_tail_and_the_others_finish(tmp_path: Path) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from perceptio.cli._common import (
+    config_command,
     end_distributed,
     fail,
 )
+from perceptio.pretrain import PretrainConfig
 
 
 def train(
@@ -64,20 +66,19 @@ def train(
         end_distributed()
 
 
-def pretrain(
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides of the base recipe, e.g. run.steps=2000.")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Run folder; the base model is written to OUT/base.")] = Path("runs/base"),
-    recipe: Annotated[Path, typer.Option(help="The base recipe.")] = Path("configs/tiny_base.yaml"),
-    world: Annotated[
-        Path | None, typer.Option(help="Use this rendered world (perceptio data synth) instead of rendering one.")
-    ] = None,
-    num_images: Annotated[int, typer.Option(min=10, help="Images in the pretraining world.")] = 20000,
-    world_seed: Annotated[int, typer.Option(help="Seed of the pretraining world (not the quickstart's 0).")] = 1,
-    tokenizer_steps: Annotated[int, typer.Option(min=1, help="Depth-tokenizer training steps.")] = 1500,
-    segmenter_steps: Annotated[int, typer.Option(min=1, help="SAM2 pretraining steps.")] = 1500,
-) -> None:
+@config_command(
+    PretrainConfig,
+    "overrides",
+    "out",
+    "recipe",
+    "world",
+    "num_images",
+    "world_seed",
+    "tokenizer_steps",
+    "segmenter_steps",
+    arguments=("overrides",),
+)
+def pretrain(settings: dict[str, Any]) -> None:
     """Pretrain the tiny base (the tiny counterpart of pretrained InternVL + SAM2): render a large world, train the
     depth tokenizer and SAM2, then the VLM on text-only alignment tasks; write OUT/base with its model card.
 
@@ -85,30 +86,23 @@ def pretrain(
     """
     from perceptio.config import ConfigError
     from perceptio.data.errors import DataError
-    from perceptio.pretrain import PretrainConfig, run_pretrain
+    from perceptio.pretrain import run_pretrain
     from perceptio.utils.runlock import RunFolderLockedError
 
+    out, recipe, world = settings["out"], settings["recipe"], settings["world"]
     if not recipe.is_file():
         fail(f"recipe {recipe} not found; run from the repository root or pass --recipe PATH")
-    source = f"--world {world}" if world is not None else f"--num-images {num_images} --world-seed {world_seed}"
+    if world is not None:
+        source = f"--world {world}"
+    else:
+        source = f"--num-images {settings['num_images']} --world-seed {settings['world_seed']}"
     command = (
         f"perceptio pretrain --out {out} --recipe {recipe} {source} "
-        f"--tokenizer-steps {tokenizer_steps} --segmenter-steps {segmenter_steps}"
-        + "".join(f" {o}" for o in overrides or [])
+        f"--tokenizer-steps {settings['tokenizer_steps']} --segmenter-steps {settings['segmenter_steps']}"
+        + "".join(f" {o}" for o in settings["overrides"])
     )
     try:
-        config = PretrainConfig(
-            out=out,
-            recipe=recipe,
-            world=world,
-            overrides=tuple(overrides or ()),
-            num_images=num_images,
-            world_seed=world_seed,
-            tokenizer_steps=tokenizer_steps,
-            segmenter_steps=segmenter_steps,
-            command=command,
-        )
-        base = run_pretrain(config, echo=typer.echo)
+        base = run_pretrain(PretrainConfig(**settings, command=command), echo=typer.echo)
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError, RunFolderLockedError, ValueError) as err:
         fail(str(err).strip('"'))
     typer.echo(f"base model: {base} (model card: {base / 'MODEL_CARD.md'})")

@@ -20,24 +20,27 @@ match), the answer prior (the most frequent training answer per question kind), 
 validation loss with images shuffled across the batch minus the loss with the right images. A gap of zero
 means the answer does not depend on the image.
 
-Every (level, arm, seed) is one job whose result is written next to its settings; a repeated command reuses
-finished jobs. Jobs run as parallel one-thread processes.
+Every (level, arm, seed) is one job whose result is written next to its settings digest; a repeated command reuses
+finished jobs. Jobs run side by side through :func:`perceptio.pipeline.run_jobs`, each in its own one-thread
+process with its output in a log beside its result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from perceptio.pipeline import Job, base_fingerprint, run_jobs
+from perceptio.utils.run_folder import settings_digest
 
 if TYPE_CHECKING:
     import torch
@@ -328,12 +331,12 @@ def build_ladder_model(config: GroundingConfig, arm: str, seed: int):  # noqa: A
 
 
 def run_job(config: GroundingConfig, level: str, arm: str, seed: int) -> dict[str, Any]:
-    """Train one fresh model on one level and return its curve (also the entry point of the worker processes)."""
+    """Train one fresh model on one level and return its result (:func:`run_grounding` runs it in a job's process
+    and stores what it returns)."""
     import torch
 
     from perceptio.train.optim import build_optimizer, warmup_cosine
 
-    torch.set_num_threads(1)
     if level in PERCEPTIO_LEVELS:
         return _run_perceptio_job(config, level, arm, seed)
     began = time.perf_counter()
@@ -625,9 +628,7 @@ def _job_settings(config: GroundingConfig, level: str, arm: str, seed: int) -> d
     settings = {k: getattr(config, k) for k in keep}
     settings.update(level=level, arm=arm, options=ARMS[arm], seed=seed)
     if "init" in ARMS[arm]:
-        from perceptio.quickstart import _base_fingerprint
-
-        settings["base"] = _base_fingerprint(config.base)
+        settings["base"] = base_fingerprint(config.base)
     if level in WORLD_LEVELS or level in PERCEPTIO_LEVELS:
         settings["world"] = str(Path(config.world).resolve())  # type: ignore[arg-type]
     if level == "L5":
@@ -637,49 +638,62 @@ def _job_settings(config: GroundingConfig, level: str, arm: str, seed: int) -> d
     return settings
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _stored(path: Path, digest: str) -> dict[str, Any] | None:
+    """The result a job stored in ``path``, when it was made with the settings of ``digest``; else None."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["result"] if stored.get("digest") == digest else None
+
+
+def _run_and_store(config: GroundingConfig, level: str, arm: str, seed: int, path: Path, digest: str) -> None:
+    """A job's process: train, then write the result with its settings digest, atomically, so that a job killed
+    on the way leaves nothing to reuse."""
+    result = run_job(config, level, arm, seed)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"digest": digest, "result": result}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _outcome(level: str, result: dict[str, Any]) -> str:
+    """A finished job's line: its final score, the answer prior, the image-use gap and its time."""
+    final = result["final"]
+    return (
+        f"{'cIoU' if level == 'L6' else 'accuracy'} {final['accuracy']:.3f} "
+        f"(prior {'-' if result['prior'] is None else format(result['prior'], '.3f')}), "
+        f"image-use gap {final['image_use_gap']:+.3f}, {result['seconds']:.0f} s"
+    )
+
+
+def _job(config: GroundingConfig, level: str, arm: str, seed: int, path: Path, digest: str) -> Job:
+    """The (level, arm, seed) job: done once ``path`` holds its result under ``digest``; its log lies beside."""
+    return Job(
+        f"{level} {arm} seed {seed}",
+        partial(_run_and_store, config, level, arm, seed, path, digest),
+        path.with_suffix(".log"),
+        done=lambda: _stored(path, digest) is not None,
+        outcome=lambda: _outcome(level, json.loads(path.read_text())["result"]),
+    )
 
 
 def run_grounding(config: GroundingConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or reuse) every (level, arm, seed) job; write ``results.json`` and ``results.md`` under ``config.out``."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    pending = []
-    for level in config.levels:
-        for arm in config.arms:
-            for seed in range(config.seeds):
-                path = out / "jobs" / f"{level}-{arm}-s{seed}.json"
-                digest = _digest(_job_settings(config, level, arm, seed))
-                if path.is_file():
-                    stored = json.loads(path.read_text())
-                    if stored.get("digest") == digest:
-                        echo(f"{level} {arm} seed {seed}: finished earlier, reusing {path}")
-                        results.append(stored["result"])
-                        continue
-                pending.append((level, arm, seed, path, digest))
-    if pending:
-        echo(f"{len(pending)} job(s) to run, {min(config.jobs, len(pending))} at a time")
-        with ProcessPoolExecutor(max_workers=min(config.jobs, len(pending))) as pool:
-            futures = {
-                pool.submit(run_job, config, level, arm, seed): (level, arm, seed, path, digest)
-                for level, arm, seed, path, digest in pending
-            }
-            for future in as_completed(futures):
-                level, arm, seed, path, digest = futures[future]
-                result = future.result()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"digest": digest, "result": result}, indent=1) + "\n")
-                tmp.replace(path)
-                final = result["final"]
-                echo(
-                    f"{level} {arm} seed {seed}: {'cIoU' if level == 'L6' else 'accuracy'} {final['accuracy']:.3f} "
-                    f"(prior {'-' if result['prior'] is None else format(result['prior'], '.3f')}), "
-                    f"image-use gap {final['image_use_gap']:+.3f}, {result['seconds']:.0f} s"
-                )
-                results.append(result)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    planned = {
+        (level, arm, seed): (
+            out / "jobs" / f"{level}-{arm}-s{seed}.json",
+            settings_digest(_job_settings(config, level, arm, seed)),
+        )
+        for level in config.levels
+        for arm in config.arms
+        for seed in range(config.seeds)
+    }
+    jobs = [_job(config, *key, path, digest) for key, (path, digest) in planned.items()]
+    if pending := sum(not job.done() for job in jobs):
+        echo(f"{pending} job(s) to run, {min(config.jobs, pending)} at a time")
+    run_jobs(jobs, config.jobs, echo=echo)
+    results = [json.loads(path.read_text())["result"] for path, _ in planned.values()]
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, "jobs": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, config) + "\n")

@@ -2,8 +2,8 @@
 
 * :mod:`~perceptio.pipeline.runner`: :class:`Stage`, :func:`run_stages` (``stages.json``) and :func:`fresh_folder`
   (a settings stamp beside a folder): work made with the same settings is kept, anything else is removed;
-* :mod:`~perceptio.pipeline.stages`: render the world, train the depth tokenizer, pretrain SAM2, train Perceptio,
-  evaluate on a world;
+* :mod:`~perceptio.pipeline.stages`: render the world, train the depth tokenizer, pretrain SAM2, train Perceptio
+  (and the fingerprint of the base it starts from), evaluate on a world;
 * :mod:`~perceptio.pipeline.jobs`: :func:`run_jobs`, several jobs at once, one process and one thread each;
 * :mod:`~perceptio.pipeline.settings`: :func:`check_limits`, the limits of a settings dataclass.
 """
@@ -12,6 +12,7 @@ from perceptio.pipeline.jobs import Job, JobsFailedError, run_jobs
 from perceptio.pipeline.runner import Stage, fresh_folder, run_stages, stage_records
 from perceptio.pipeline.settings import check_limits
 from perceptio.pipeline.stages import (
+    base_fingerprint,
     pretrain_segmenter,
     render_world,
     train_depth_tokenizer,
@@ -23,6 +24,7 @@ __all__ = [
     "Job",
     "JobsFailedError",
     "Stage",
+    "base_fingerprint",
     "check_limits",
     "fresh_folder",
     "pretrain_segmenter",

@@ -37,6 +37,8 @@ class Job:
         log: the file its output (stdout and stderr, a traceback included) is appended to.
         done: whether its work is finished (checked before, to skip it, and after, to confirm it).
         progress: a short note of how far it is, shown every ``report_every`` seconds while it runs.
+        outcome: a short note of what it found, shown on the line that says it is done (the job leaves its
+            results on disk, so the parent reads them there).
     """
 
     name: str
@@ -44,6 +46,7 @@ class Job:
     log: Path
     done: Callable[[], bool]
     progress: Callable[[], str] = lambda: ""
+    outcome: Callable[[], str] = lambda: ""
 
 
 class JobsFailedError(UserError, RuntimeError):
@@ -80,9 +83,9 @@ def run_jobs(
 ) -> None:
     """Run the unfinished ``jobs``, ``parallel`` at a time, each in a new process on one thread.
 
-    Prints when each job is reused, starts, finishes or fails (a failure with the end of its log), and every
-    ``report_every`` seconds the ``progress`` of those running. Logs are appended to, so an interrupted job's log
-    is kept. A failed job does not stop the others.
+    Prints when each job is reused, starts, finishes (with its ``outcome``) or fails (a failure with the end of
+    its log), and every ``report_every`` seconds the ``progress`` of those running. Logs are appended to, so an
+    interrupted job's log is kept. A failed job does not stop the others.
 
     Raises:
         JobsFailedError: after all jobs ended, when any failed (exited with an error, or did not finish its work).
@@ -117,7 +120,8 @@ def run_jobs(
                     echo(f"  {job.name}: FAILED (exit {process.exitcode}); the end of {job.log}:")
                     echo("    " + "\n    ".join(_tail(job.log)))
                 else:
-                    echo(f"  {job.name}: done")
+                    note = job.outcome()
+                    echo(f"  {job.name}: done" + (f", {note}" if note else ""))
             if running and time.monotonic() - last_report > report_every:
                 last_report = time.monotonic()
                 echo("  " + "; ".join(f"{job.name} {job.progress()}" for job, _ in running))

@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from perceptio.eval.harness import EvalSettings
     from perceptio.train.config import TrainConfig
 
-__all__ = ["pretrain_segmenter", "render_world", "train_depth_tokenizer", "train_perceptio", "world_eval_settings"]
+__all__ = [
+    "base_fingerprint",
+    "pretrain_segmenter",
+    "render_world",
+    "train_depth_tokenizer",
+    "train_perceptio",
+    "world_eval_settings",
+]
 
 
 def render_world(folder: Path, *, num_images: int, seed: int, image_size: int, progress: bool = True) -> None:
@@ -65,6 +72,21 @@ def pretrain_segmenter(
     config = SegmenterPretrainConfig(steps=steps, batch_size=batch_size)
     resume = resume and latest_checkpoint(folder) is not None
     pretrain_on_refer(world, folder, config, progress=progress, resume=resume)
+
+
+def base_fingerprint(base: Path | None) -> str | None:
+    """What identifies the pretrained base a training starts from in its settings digest: the base's checksums
+    (``SHA256SUMS``), so that a base retrained in the same folder retrains what was fine-tuned from it; its
+    resolved path when it has none; None for random weights."""
+    if base is None:
+        return None
+    sums = Path(base) / "SHA256SUMS"
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the base model {base} has no config.json; make one with `perceptio pretrain`, "
+            "or start from random weights"
+        )
+    return sums.read_text() if sums.is_file() else str(Path(base).resolve())
 
 
 def train_perceptio(recipe: TrainConfig, *, resume: bool, progress: bool = True) -> None:
