@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from perceptio.pipeline import (
     Job,
+    base_fingerprint,
     check_limits,
     fresh_folder,
     run_jobs,
@@ -241,7 +242,12 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
                 f"model.seed={seed}",
                 f"run.checkpoint_every={max(50, steps // 4)}",
             ]
-            trained[(arm.name, seed)] = {"recipe": str(config.recipe), "overrides": overrides, "upstream": upstream}
+            trained[(arm.name, seed)] = {
+                "recipe": str(config.recipe),
+                "overrides": overrides,
+                "upstream": upstream,
+                "base": base_fingerprint(config.base),  # a base retrained in the same folder retrains the arms
+            }
             fresh_folder(run_dir, trained[(arm.name, seed)])
             jobs.append(
                 _train_job(
