@@ -14,6 +14,12 @@ the recipe key (fresh run folders under ``runs/bench_training``), then prints sa
 first, and whether the logged losses are identical (the first 50 log lines, side by side):
 
     .venv/bin/python bench/training.py --compare run.data_workers --values 0,1 --steps 60
+
+Against an earlier commit: ``--against REV`` trains the same recipe with the code of git revision ``REV``
+(exported with ``git archive`` under ``runs/bench_training``, with that revision's copy of the recipe) and with
+the working tree, alternately ``--rounds`` times, and prints the same table (the overrides apply to both):
+
+    .venv/bin/python bench/training.py --against 64bb014 --steps 60 data.root=runs/quickstart/world
 """
 
 from __future__ import annotations
@@ -26,34 +32,73 @@ import sys
 from pathlib import Path
 
 
-def compare(config: Path, key: str, values: list[str], steps: int, overrides: list[str]) -> None:
-    """Train ``steps`` steps per value of ``key`` and print speed and loss agreement."""
+def _train(config: Path, overrides: list[str], out: Path, steps: int, source: Path | None) -> list[dict]:
+    """Train ``steps`` steps into ``out`` (the code of ``source``'s ``src``, or the installed package) and return
+    the log lines."""
     from perceptio.utils.jsonl import read_jsonl
 
-    logs = {}
-    for value in values:
-        out = Path("runs/bench_training") / f"{key}={value}"
-        command = [sys.executable, "-m", "perceptio", "train", "--config", str(config), "--overwrite", *overrides]
-        command += [f"run.steps={steps}", "run.log_every=1", "run.checkpoint_every=0", "eval.every=0"]
-        command += [f"run.out_dir={out}", f"{key}={value}"]
-        print("running:", " ".join(command), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        logs[value] = read_jsonl(out / "train_log.jsonl")
-    print(f"\n| {key} | samples/s (steps 6 on) | ratio |")
+    recipe = source / config if source is not None and (source / config).is_file() else config  # its own recipe
+    command = [sys.executable, "-m", "perceptio", "train", "--config", str(recipe), "--overwrite", *overrides]
+    command += [f"run.steps={steps}", "run.log_every=1", "run.checkpoint_every=0", "eval.every=0", f"run.out_dir={out}"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source / "src")
+    print("running:", " ".join(command), f"(code: {source or 'working tree'})", flush=True)
+    subprocess.run(command, check=True, env=env)
+    return read_jsonl(out / "train_log.jsonl")
+
+
+def _export(revision: str) -> Path:
+    """The tree of git ``revision`` under ``runs/bench_training/rev-<revision>`` (exported once)."""
+    target = Path("runs/bench_training") / f"rev-{revision}"
+    if not (target / "src").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", revision], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def _rate(log: list[dict]) -> float:
+    done = [line for line in log if line["step"] > 5]  # the first steps hold the start-up costs
+    return len(done) / sum(1 / line["samples_per_s"] for line in done)  # one line per step, one batch size
+
+
+def report(logs: dict[str, list[list[dict]]], label: str) -> None:
+    """Samples/s per variant (best of its rounds), the ratio to the first, and the first 50 losses side by side."""
+    names = list(logs)
+    rates = {name: max(_rate(log) for log in runs) for name, runs in logs.items()}
+    print(f"\n| {label} | samples/s (steps 6 on, best of {len(logs[names[0]])}) | ratio |")
     print("|---|---|---|")
-    rates = {}
-    for value, log in logs.items():
-        done = [line for line in log if line["step"] > 5]
-        seconds = sum(1 / line["samples_per_s"] for line in done)  # each line is one step of the same batch size
-        rates[value] = len(done) / seconds
-        print(f"| {value} | {rates[value]:.1f} | {rates[value] / rates[values[0]]:.2f}x |")
-    first = [line["loss"] for line in logs[values[0]]][:50]
-    for value in values[1:]:
-        other = [line["loss"] for line in logs[value]][:50]
-        print(f"losses of {key}={value} identical to {key}={values[0]} (first {len(first)} steps): {other == first}")
-    print("\nstep | " + " | ".join(f"{key}={v}" for v in values))
+    for name in names:
+        print(f"| {name} | {rates[name]:.1f} | {rates[name] / rates[names[0]]:.2f}x |")
+    first = [line["loss"] for line in logs[names[0]][0]][:50]
+    for name in names[1:]:
+        other = [line["loss"] for line in logs[name][0]][:50]
+        print(f"losses of {name} identical to {names[0]} (first {len(first)} steps): {other == first}")
+    print("\nstep | " + " | ".join(names))
     for k in range(min(len(first), 50)):
-        print(f"{k + 1} | " + " | ".join(f"{logs[v][k]['loss']:.6f}" for v in values))
+        print(f"{k + 1} | " + " | ".join(f"{logs[name][0][k]['loss']:.6f}" for name in names))
+
+
+def compare(config: Path, key: str, values: list[str], steps: int, overrides: list[str], rounds: int) -> None:
+    """Train ``steps`` steps per value of ``key`` and print speed and loss agreement."""
+    logs: dict[str, list[list[dict]]] = {f"{key}={value}": [] for value in values}
+    for _ in range(rounds):
+        for value in values:
+            out = Path("runs/bench_training") / f"{key}={value}"
+            logs[f"{key}={value}"].append(_train(config, [*overrides, f"{key}={value}"], out, steps, None))
+    report(logs, key)
+
+
+def against(config: Path, revision: str, steps: int, overrides: list[str], rounds: int) -> None:
+    """Train ``steps`` steps with the code of ``revision`` and of the working tree; print speed and losses."""
+    source = _export(revision)
+    logs: dict[str, list[list[dict]]] = {revision: [], "working tree": []}
+    for _ in range(rounds):
+        for name, code in ((revision, source), ("working tree", None)):
+            out = Path("runs/bench_training") / ("rev" if code else "tree")
+            logs[name].append(_train(config, overrides, out, steps, code))
+    report(logs, "code")
 
 
 def main() -> None:
@@ -61,11 +106,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny_synth.yaml"))
     parser.add_argument("--compare", metavar="KEY", help="a recipe key to compare values of (before/after)")
     parser.add_argument("--values", default="", help="comma-separated values of --compare")
-    parser.add_argument("--steps", type=int, default=60, help="steps per value of --compare")
+    parser.add_argument("--against", metavar="REV", help="a git revision whose code to compare with the working tree")
+    parser.add_argument("--steps", type=int, default=60, help="steps per run of --compare / --against")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each variant, alternating (best one counts)")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     args = parser.parse_args()
     if args.compare:
-        compare(args.config, args.compare, args.values.split(","), args.steps, args.overrides)
+        compare(args.config, args.compare, args.values.split(","), args.steps, args.overrides, args.rounds)
+        return
+    if args.against:
+        against(args.config, args.against, args.steps, args.overrides, args.rounds)
         return
 
     from perceptio.config import load_config

@@ -17,6 +17,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_synth.yaml"
     [
         ("run.global_batch_size=10", "run.global_batch_size 10 is not a multiple of run.micro_batch_size 4"),
         ("run.threads=-2", "run.threads must be at least 1"),
+        ("run.feature_cache_mb=-1", "run.feature_cache_mb must be >= 0 (0: no cache), got -1"),
         ("model.preset=huge", "model.preset 'huge' is not a preset; the presets are ['smol', 'tiny']"),
     ],
 )

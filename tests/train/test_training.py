@@ -306,3 +306,19 @@ def test_two_processes_match_one(strategy: str, world_dir: Path, tmp_path: Path)
     assert (two / "checkpoints" / "step-0000002" / "trainable.safetensors").is_file()
     if strategy == "ddp":  # every rank holds the same weights
         assert json.loads((two / "training.json").read_text())["replica_max_abs_diff"] == 0.0
+
+
+def test_the_frozen_feature_cache_changes_no_loss(world_dir: Path, tmp_path: Path) -> None:
+    """Cached SAM2 image features (reused once an image comes back) give the uncached run's losses and weights."""
+    extra = ["run.steps=6", "run.global_batch_size=8", "run.micro_batch_size=8", "run.checkpoint_every=0"]
+    runs = {}
+    for megabytes in (0, 64):
+        out = tmp_path / f"cache{megabytes}"
+        overrides = [*_overrides(world_dir, out, *extra), f"run.feature_cache_mb={megabytes}", "run.data_workers=0"]
+        train(load_config(TrainConfig, TINY, overrides), progress=False)
+        runs[megabytes] = out
+    stats = [json.loads((out / "training.json").read_text())["feature_cache"] for out in runs.values()]
+    assert stats[0] is None and stats[1]["hits"] > 0 and stats[1]["images"] == stats[1]["misses"]
+    assert _losses(runs[0]) == _losses(runs[64])
+    weights = [load_file(out / "model" / "model.safetensors") for out in runs.values()]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -32,6 +32,7 @@ from perceptio.losses import (
 )
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.models.decoding import greedy_decode
+from perceptio.models.feature_cache import FeatureCache
 from perceptio.models.generation import SpanGrammar, parse_generated
 from perceptio.models.processing import PerceptioProcessor
 from perceptio.models.sam2 import load_sam2, without_stability_swap
@@ -249,6 +250,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         self.post_init()
         if config.vision_init_std is not None and vlm is None:
             self._init_vision(config.vision_init_std)
+        self.sam_feature_cache: FeatureCache | None = None  # see cache_frozen_features
         self.freeze_frozen_parts()
 
     def set_seg_prompt_rms(self, rms: float | None) -> None:
@@ -467,9 +469,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         """
         sam = self.segmenter
         b, n, _ = seg_hidden.shape
-        with torch.no_grad():  # the image encoder is frozen
-            features = sam.get_image_features(sam_pixel_values, return_dict=True)
-        levels = list(features.fpn_hidden_states)
+        levels = list(self._frozen_image_features(sam_pixel_values))
         levels[-1] = levels[-1] + sam.no_memory_embedding  # image-only use: no memory, as SAM2 does for frame 0
         embeddings = [
             x.permute(1, 2, 0).reshape(b, -1, *size) for x, size in zip(levels, sam.backbone_feature_sizes, strict=True)
@@ -490,6 +490,23 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             high_resolution_features=embeddings[:-1],
         )
         return masks, iou_scores
+
+    def cache_frozen_features(self, max_bytes: int) -> None:
+        """Keep the frozen SAM2 image encoder's features of up to ``max_bytes`` of recently seen images and reuse
+        them (0: no cache). The features are the same at every step, so losses and gradients do not change; what
+        changes is the time, when a run sees its images many times (training does; see ``run.feature_cache_mb``)."""
+        self.sam_feature_cache = FeatureCache(max_bytes) if max_bytes > 0 else None
+
+    @torch.no_grad()  # the image encoder is frozen
+    def _frozen_image_features(self, sam_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """SAM2's multi-scale image features, each (h * w, B, C). A single image in training (how the mask loss
+        sends each sample) comes from the cache when there is one; a batch is never taken apart, since the
+        encoder's kernels may round differently for another batch size."""
+        sam = self.segmenter
+        encode = lambda pixels: tuple(sam.get_image_features(pixels, return_dict=True).fpn_hidden_states)  # noqa: E731
+        if self.sam_feature_cache is None or not self.training or len(sam_pixel_values) != 1:
+            return encode(sam_pixel_values)
+        return self.sam_feature_cache.get(sam_pixel_values, encode)
 
     def select_masks(self, mask_logits: torch.Tensor, iou_scores: torch.Tensor) -> torch.Tensor:
         """(B, N, K, h, w) candidates -> (B, N, h, w): the candidate with the highest predicted IoU."""

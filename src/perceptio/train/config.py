@@ -242,6 +242,10 @@ class RunConfig:
     data_workers: int = 0
     """Processes that prepare the next steps' batches (drawing, decoding, collating) while the model trains on
     the current one; 0: prepare each batch in the training process. The batches are the same either way."""
+    feature_cache_mb: int = 0
+    """Keep the frozen SAM2 image encoder's features of recently seen images, up to this many MB, instead of
+    computing them again at every step (0: no cache). Losses do not change; a tiny model over a few thousand images
+    trains faster (about 1 MB per 64-pixel image; about 6 MB at SAM2's 1,024 pixels)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "keep_checkpoints", "log_every"):
@@ -253,6 +257,8 @@ class RunConfig:
             raise ValueError(f"run.threads must be at least 1 (or null for torch's choice), got {self.threads}")
         if self.data_workers < 0:
             raise ValueError(f"run.data_workers must be >= 0, got {self.data_workers}")
+        if self.feature_cache_mb < 0:
+            raise ValueError(f"run.feature_cache_mb must be >= 0 (0: no cache), got {self.feature_cache_mb}")
         if self.micro_batch_size <= self.global_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"run.global_batch_size {self.global_batch_size} is not a multiple of run.micro_batch_size "

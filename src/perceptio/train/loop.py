@@ -44,6 +44,7 @@ from perceptio.errors import UserError
 from perceptio.losses import IGNORE_INDEX
 from perceptio.models.build import BUILD_OPTIONS, build_preset, from_components, load_model, save_model
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
+from perceptio.models.feature_cache import FeatureCache
 from perceptio.models.lora import merge_lora
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
@@ -77,6 +78,7 @@ _RESUMABLE_CHANGES = (
     "run.device",
     "run.threads",
     "run.data_workers",
+    "run.feature_cache_mb",
     "eval",
     "optim.lr",  # the usual fixes after a non-finite loss: they change the trajectory from the checkpoint on
     "optim.warmup_ratio",
@@ -333,6 +335,7 @@ def _set_up(config: TrainConfig, ctx: Distributed, *, cache_dir: Path | None, sh
     _check_inputs(config)  # before the model is built: a missing folder should not cost a model build first
     torch.manual_seed(config.model.seed)
     model, processor = build_model(config.model)
+    model.cache_frozen_features(run.feature_cache_mb * 2**20)
     report = BadItemReport() if config.data.skip_bad else None
     data = TrainingData.from_config(
         config.data, model.depth_tokenizer, report=report, cache_dir=cache_dir, progress=show
@@ -597,6 +600,7 @@ def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str
             "world_size": ctx.world,
             "accumulation": run.accumulation,
             "replica_max_abs_diff": divergence,
+            "feature_cache": _cache_stats(_plain(engine).sam_feature_cache),
             "final": last_log,
             "eval": last_eval,
         }
@@ -606,6 +610,13 @@ def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str
     if ctx.active:
         dist.barrier()
     return TrainResult(run.out_dir, model_dir, config.run.steps, start, last_log, last_eval)
+
+
+def _cache_stats(cache: FeatureCache | None) -> dict[str, int] | None:
+    """Hits, misses, images and bytes of the frozen-feature cache (this process's), or None without one."""
+    if cache is None:
+        return None
+    return {"hits": cache.hits, "misses": cache.misses, "images": len(cache), "bytes": cache.bytes}
 
 
 def _check_inputs(config: TrainConfig) -> None:
