@@ -91,7 +91,7 @@ def test_resume_after_a_partial_predictions_file(model_dir: Path, world_dir: Pat
 def test_resume_refuses_other_settings(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     data = world_dir / "hardblink" / "val"
     run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2), progress=False)
-    with pytest.raises(ValueError, match="spatial_cot: True then, False now"):
+    with pytest.raises(ValueError, match=r"spatial_cot \(saved True, now False\)"):
         run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2, spatial_cot=False, resume=True))
 
 

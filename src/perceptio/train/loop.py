@@ -122,7 +122,7 @@ def build_model(config: ModelConfig) -> tuple[PerceptioForConditionalGeneration,
         if "seg_prompt_rms" in options and options["seg_prompt_rms"] != model.config.seg_prompt_rms:
             model.set_seg_prompt_rms(options["seg_prompt_rms"])  # the prompt scale may change when fine-tuning
         if "seg_multimask" in options and options["seg_multimask"] != model.config.seg_multimask:
-            model.set_seg_multimask(options["seg_multimask"])  # so may the SAM2 output the [SEG] token reads
+            model.set_seg_multimask(options["seg_multimask"])  # so may the SAM2 output the segmentation token reads
         changed = {k: v for k, v in options.items() if getattr(model.config, k) != v}
         if changed:
             raise ValueError(
