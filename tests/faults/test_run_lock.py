@@ -372,3 +372,28 @@ def test_two_trainings_into_one_out_dir(world_dir: Path, tmp_path: Path) -> None
     config = load_config(TrainConfig, TINY, [*overrides, "run.steps=1"])
     result = train(config, overwrite=True, progress=False)  # the dead run's lock is taken over
     assert result.model_dir is not None and not (out / LOCK_NAME).exists()
+
+
+def test_a_forked_child_does_not_keep_a_dead_holders_lock(tmp_path: Path) -> None:
+    """A data-loader worker is a fork of the training process; when the training is killed and the worker lives
+    on for a moment, the folder is free at once (the child closed its copy of the lock file at the fork)."""
+    script = (
+        "import os, sys, time\n"
+        "from perceptio.utils.runlock import run_lock\n"
+        "with run_lock(sys.argv[1], 'training'):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        os.close(1), os.close(2)\n"  # let the caller's pipes close when the holder dies
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    print(child, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"  # the holder dies without releasing; its forked child lives on
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    child = int(result.stdout.strip())
+    try:
+        os.kill(child, 0)  # still alive
+        with run_lock(tmp_path, "training"):  # the dead holder's lock is taken over at once
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)

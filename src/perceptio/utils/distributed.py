@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch loads only when the group is set up: the run lock asks is_main_process without it
+    import torch
 
 __all__ = ["Distributed", "is_main_process", "launched_by_torchrun", "setup_distributed"]
 
@@ -21,9 +22,9 @@ __all__ = ["Distributed", "is_main_process", "launched_by_torchrun", "setup_dist
 class Distributed:
     """This process's rank, the number of processes, and the device it computes on."""
 
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
+    rank: int
+    world: int
+    device: torch.device
 
     @property
     def main(self) -> bool:
@@ -55,6 +56,9 @@ def setup_distributed(requested: str | None = None) -> Distributed:
 
     The group pairs gloo with NCCL on GPUs: the logged sums and the replica checks are CPU tensors.
     """
+    import torch
+    import torch.distributed as dist
+
     cuda = torch.cuda.is_available() and requested != "cpu"
     if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
         return Distributed(0, 1, torch.device(requested) if requested else torch.device("cuda" if cuda else "cpu"))

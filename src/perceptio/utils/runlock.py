@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from perceptio.errors import UserError
+from perceptio.utils.distributed import is_main_process
 
 try:
     import fcntl
@@ -77,6 +78,20 @@ _held: dict[str, _Held] = {}  # real path of a folder -> this process's lock on 
 _guard = threading.Lock()
 
 
+def _close_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): close the copies of the parent's lock files. A copy would keep
+    the ``flock`` held after the parent dies, until the child noticed and exited, so that the next run could not
+    take the dead run's folder over at once. The child holds no lock of its own."""
+    for held in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(held.fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def read_lock(folder: str | Path) -> dict[str, Any] | None:
     """The record of the lock on ``folder`` (None if there is none or it is unreadable)."""
     try:
@@ -98,8 +113,6 @@ def run_lock(folder: str | Path, what: str = "training") -> Iterator[Path]:
     """
     folder = Path(folder)
     path = folder / LOCK_NAME
-    from perceptio.utils.distributed import is_main_process  # torch loads only when a lock is taken
-
     if not is_main_process():
         yield path  # torchrun: rank 0 holds the lock for the whole job
         return
