@@ -49,6 +49,8 @@ def _digest(root: Path) -> dict[str, str]:
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path: Path, world_dir: Path) -> None:
     again = generate_world(tmp_path / "again", num_images=40, seed=0, progress=False).out_dir
     assert _digest(again) == _digest(world_dir)
+    workers = generate_world(tmp_path / "workers", num_images=40, seed=0, progress=False, workers=2).out_dir
+    assert _digest(workers) == _digest(world_dir)  # rendered by two processes: the same files
     other = generate_world(tmp_path / "other", num_images=40, seed=1, progress=False).out_dir
     assert _digest(other)["images/synth_000000.png"] != _digest(world_dir)["images/synth_000000.png"]
 

@@ -71,13 +71,24 @@ def data_synth(
     overwrite: Annotated[
         bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output folder.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Processes rendering scenes (default: one per core; 0: this one). The files are the same."
+        ),
+    ] = None,
 ) -> None:
     """Render the synthetic spatial world and write it in the real formats (RefCOCO, HardBLINK, MMBench, ...)."""
-    from perceptio.data.synthetic import WorldConfig, generate_world
+    from perceptio.data.synthetic import WorldConfig, default_render_workers, generate_world
 
     try:
         summary = generate_world(
-            out, num_images=num_images, seed=seed, config=WorldConfig(image_size=size, noise=noise), overwrite=overwrite
+            out,
+            num_images=num_images,
+            seed=seed,
+            config=WorldConfig(image_size=size, noise=noise),
+            overwrite=overwrite,
+            workers=default_render_workers(num_images) if workers is None else workers,
         )
     except (FileExistsError, ValueError) as err:
         fail(str(err))

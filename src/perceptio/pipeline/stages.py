@@ -29,7 +29,7 @@ __all__ = [
 
 def render_world(folder: Path, *, num_images: int, seed: int, image_size: int, progress: bool = True) -> None:
     """Render the synthetic world (train/val/test, every format) into ``folder``, replacing what is there."""
-    from perceptio.data.synthetic import WorldConfig, generate_world
+    from perceptio.data.synthetic import WorldConfig, default_render_workers, generate_world
 
     generate_world(
         folder,
@@ -38,6 +38,7 @@ def render_world(folder: Path, *, num_images: int, seed: int, image_size: int, p
         config=WorldConfig(image_size=image_size),
         overwrite=True,
         progress=progress,
+        workers=default_render_workers(num_images),  # the same files with any number of workers
     )
 
 

@@ -8,6 +8,7 @@ from perceptio.data.synthetic.world import (
     WorldConfig,
     WorldScene,
     WorldSummary,
+    default_render_workers,
     generate_world,
     render_world_scene,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "WorldConfig",
     "WorldScene",
     "WorldSummary",
+    "default_render_workers",
     "generate_world",
     "render_scene",
     "render_world_scene",

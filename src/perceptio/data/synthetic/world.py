@@ -21,13 +21,18 @@ folder that looks finished.
 from __future__ import annotations
 
 import base64
+import collections
+import concurrent.futures
 import csv
 import io
 import json
 import logging
+import multiprocessing
+import os
 import pickle
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -424,6 +429,31 @@ def _write_scene(w: _Writers, record: WorldScene, split: str, summary: WorldSumm
             summary.mcq_rows[split] += 1
 
 
+def default_render_workers(num_images: int) -> int:
+    """Rendering processes for a world of ``num_images``: one per usable core, none for a small world (starting a
+    process costs about a second, the time of 50 scenes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 and num_images >= 200 else 0
+
+
+def _rendered_scenes(seed: int, num_images: int, config: WorldConfig, workers: int) -> Iterator[WorldScene]:
+    """The scenes ``0 .. num_images - 1`` in order, rendered here or by ``workers`` spawned processes (a few scenes
+    ahead of the writer each; a worker that dies raises here instead of leaving the job waiting)."""
+    if workers == 0:
+        yield from (render_world_scene(seed, index, config) for index in range(num_images))
+        return
+    context = multiprocessing.get_context("spawn")  # numpy only in the workers; nothing inherited from the caller
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: collections.deque[concurrent.futures.Future[WorldScene]] = collections.deque()
+        indices = iter(range(num_images))
+        while True:
+            while len(pending) < 4 * workers and (index := next(indices, None)) is not None:
+                pending.append(pool.submit(render_world_scene, seed, index, config))
+            if not pending:
+                return
+            yield pending.popleft().result()
+
+
 def generate_world(
     out_dir: str | Path,
     *,
@@ -432,6 +462,7 @@ def generate_world(
     config: WorldConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> WorldSummary:
     """Render ``num_images`` scenes and write every format into ``out_dir``.
 
@@ -442,6 +473,8 @@ def generate_world(
         config: world settings (image size, splits, scene and task margins).
         overwrite: replace an existing ``out_dir``.
         progress: show a progress bar.
+        workers: processes that render scenes ahead while this one writes them (0: render here). Each scene is a
+            function of ``(seed, index)`` alone, so the files are the same whatever the number of workers.
 
     Returns:
         Per-split counts of what was written.
@@ -463,9 +496,12 @@ def generate_world(
     summary = WorldSummary(out_dir=out_dir)
     splits = _assign_splits(num_images, seed, config.split_fractions)
     writers = _Writers(partial, config)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     try:
-        for index in tqdm(range(num_images), desc="rendering synthetic world", unit="img", disable=not progress):
-            record = render_world_scene(seed, index, config)
+        scenes = _rendered_scenes(seed, num_images, config, workers)
+        bar = tqdm(scenes, total=num_images, desc="rendering synthetic world", unit="img", disable=not progress)
+        for index, record in enumerate(bar):
             task_rng = np.random.default_rng([seed, index, 1])
             _write_scene(writers, record, splits[index], summary, task_rng)
     finally:
