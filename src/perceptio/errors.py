@@ -4,9 +4,14 @@ line and exits with status 2. Anything else is a bug and keeps its traceback. Im
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["NonFiniteLossError", "UserError"]
 
 
 class UserError(Exception):
     """An expected failure the user can fix; ``str(err)`` says what and how. Subclasses keep their usual base too
     (``DataError`` is a ``ValueError``), so existing ``except ValueError`` code still catches them."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A trainer met a NaN or infinite loss (or gradient norm) and stopped before the weights took it; the message
+    names the last good checkpoint and how to continue from it."""

@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perceptio.pipeline import (
     Stage,
     check_limits,
-    pretrain_segmenter,
+    pretrain_sam2,
     render_world,
     run_stages,
     stage_records,
     train_depth_tokenizer,
     train_perceptio,
 )
+from perceptio.train.config import outcome_settings
 
 __all__ = ["PretrainConfig", "run_pretrain"]
 
@@ -129,7 +130,7 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         Stage(
             "segmenter",
             (config.segmenter_steps, config.segmenter_batch_size),
-            lambda resume: pretrain_segmenter(
+            lambda resume: pretrain_sam2(
                 world,
                 paths["segmenter"],
                 steps=config.segmenter_steps,
@@ -142,7 +143,7 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         ),
         Stage(
             "train",
-            (asdict(recipe),),
+            (outcome_settings(recipe),),
             lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
             folder=paths["train"],
             resumable=True,

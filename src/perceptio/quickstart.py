@@ -35,7 +35,7 @@ from perceptio.pipeline import (
     Stage,
     base_fingerprint,
     check_limits,
-    pretrain_segmenter,
+    pretrain_sam2,
     render_world,
     run_stages,
     stage_records,
@@ -43,6 +43,7 @@ from perceptio.pipeline import (
     train_perceptio,
     world_eval_settings,
 )
+from perceptio.train.config import outcome_settings
 
 __all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
@@ -242,7 +243,7 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
         Stage(
             "segmenter",
             (config.segmenter_steps, config.segmenter_batch_size),
-            lambda resume: pretrain_segmenter(
+            lambda resume: pretrain_sam2(
                 world,
                 paths["segmenter"],
                 steps=config.segmenter_steps,
@@ -255,7 +256,7 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
         ),
         Stage(
             "train",
-            (asdict(recipe), base_fingerprint(config.base)),
+            (outcome_settings(recipe), base_fingerprint(config.base)),
             lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
             folder=paths["train"],
             resumable=True,

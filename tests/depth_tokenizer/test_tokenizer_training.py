@@ -64,9 +64,11 @@ def test_resume_between_log_lines_and_refused_changes(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "full" / "train_log.jsonl", killed / "train_log.jsonl")  # the log ran past step 10
     train_tokenizer(maps, SMALL, config, killed, resume=True, progress=False)
     assert (killed / "train_log.jsonl").read_text() == (tmp_path / "full" / "train_log.jsonl").read_text()
-    changed = TokenizerTrainConfig(**{**config.__dict__, "lr": 5e-4})
-    with pytest.raises(ValueError, match=r"cannot resume with other settings: train.lr \(saved 0.001, now 0.0005\)"):
+    changed = TokenizerTrainConfig(**{**config.__dict__, "batch_size": 8})
+    with pytest.raises(ValueError, match=r"cannot resume with other settings: train.batch_size \(saved 4, now 8\)"):
         train_tokenizer(maps, SMALL, changed, killed, resume=True, progress=False)
+    lower = TokenizerTrainConfig(**{**config.__dict__, "lr": 5e-4})  # the fix after a non-finite loss may resume
+    train_tokenizer(maps, SMALL, lower, tmp_path / "full", resume=True, progress=False)
     other = DepthTokenizerConfig(**{**SMALL.to_dict(), "num_codes": 32})
     with pytest.raises(ValueError, match=r"model.num_codes \(saved 16, now 32\)"):
         train_tokenizer(maps, other, config, killed, resume=True, progress=False)

@@ -106,7 +106,8 @@ def _run_eval(
     if rank == 0:
         if settings.resume and settings_path.is_file():
             saved = json.loads(settings_path.read_text())
-            require_same_settings(out, saved, protocol, fix="Use the original settings or another --out")
+            recorded = {key: saved.get(key) for key in protocol}  # what this version records; older extras aside
+            require_same_settings(out, recorded, protocol, fix="Use the original settings or another --out")
         if not settings.resume:
             for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
                 stale.unlink(missing_ok=True)

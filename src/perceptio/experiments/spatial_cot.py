@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,7 +44,6 @@ from perceptio.quickstart import QuickstartConfig, run_quickstart
 from perceptio.utils.jsonl import read_jsonl
 
 if TYPE_CHECKING:
-    from perceptio.eval.harness import EvalSettings
     from perceptio.train.config import TrainConfig
 
 __all__ = ["ARMS", "Arm", "SpatialCotConfig", "run_spatial_cot"]
@@ -157,6 +155,7 @@ def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
         f"model.depth_tokenizer={out / 'tokenizer'}",
         f"model.segmenter_weights={out / 'segmenter'}",
         "run.threads=1",
+        "run.data_workers=0",  # the jobs run side by side, one core each: a data worker would double them
         "eval.every=0",
         *config.overrides,
     ]
@@ -173,25 +172,6 @@ def _probe_rate(config: SpatialCotConfig, base: list[str], upstream: str, echo: 
     logs = read_jsonl(probe / "train_log.jsonl")
     first, last = logs[0], logs[-1]
     return (last["step"] - first["step"]) / max(1e-6, last["seconds"] - first["seconds"])
-
-
-def _eval_command(settings: EvalSettings) -> list[str]:
-    """The ``perceptio eval`` command line of ``settings``: what an evaluation's settings stamp records (as it
-    always has, so earlier experiment folders are still recognised), and what reruns it by hand."""
-    command = [
-        sys.executable, "-m", "perceptio", "eval", settings.task,
-        "--model", str(settings.model),
-        "--data", str(settings.data),
-        "--out", str(settings.out),
-        "--split", str(settings.split),
-        "--no-constrain",  # the direct arm's model bans the depth span itself: it was saved that way
-        "--batch-size", str(settings.batch_size),
-    ]  # fmt: skip
-    if settings.image_root is not None:
-        command += ["--image-root", str(settings.image_root)]
-    if settings.limit is not None:
-        command += ["--limit", str(settings.limit)]
-    return command
 
 
 def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -277,7 +257,7 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
                     batch_size=EVAL_BATCH_SIZE,
                     constrain=False,
                 )
-                fresh_folder(settings.out, {"command": _eval_command(settings), "model": trained[(arm_name, seed)]})
+                fresh_folder(settings.out, {"settings": asdict(settings), "model": trained[(arm_name, seed)]})
                 eval_jobs.append(
                     Job(
                         f"eval {arm_name} seed {seed} {task} {split}",

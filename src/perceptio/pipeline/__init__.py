@@ -13,7 +13,7 @@ from perceptio.pipeline.runner import Stage, fresh_folder, run_stages, stage_rec
 from perceptio.pipeline.settings import check_limits
 from perceptio.pipeline.stages import (
     base_fingerprint,
-    pretrain_segmenter,
+    pretrain_sam2,
     render_world,
     train_depth_tokenizer,
     train_perceptio,
@@ -27,7 +27,7 @@ __all__ = [
     "base_fingerprint",
     "check_limits",
     "fresh_folder",
-    "pretrain_segmenter",
+    "pretrain_sam2",
     "render_world",
     "run_jobs",
     "run_stages",

@@ -8,11 +8,12 @@ under the others, and an error or Ctrl-C here can stop the jobs still running.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -23,7 +24,23 @@ from perceptio.errors import UserError
 __all__ = ["Job", "JobsFailedError", "run_jobs"]
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-"""Set in each job's process before its work starts: one thread per job, no progress bars in the logs."""
+"""The environment of each job's process (set before it starts, so that libraries read it when the job's modules
+load): one thread per job, no progress bars in the logs."""
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` while the block runs (a spawned process copies it when it starts)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,7 @@ class JobsFailedError(UserError, RuntimeError):
 
 def _work(call: Callable[[], object], log: Path, name: str) -> None:
     """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too)."""
-    os.environ.update(ONE_THREAD)
-    if "torch" in sys.modules:  # imported already while unpickling ``call`` (the evaluation harness imports it)
+    if "torch" in sys.modules:  # imported while unpickling ``call``: set its threads too, whatever it read
         import torch
 
         torch.set_num_threads(1)
@@ -106,7 +122,8 @@ def run_jobs(
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 echo(f"  {job.name}: started (log {job.log})")
                 process = spawn.Process(target=_work, args=(job.call, job.log, job.name), name=job.name)
-                process.start()
+                with _environment(ONE_THREAD):
+                    process.start()
                 running.append((job, process))
             wait([process.sentinel for _, process in running], timeout=2.0)
             for item in list(running):

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "base_fingerprint",
-    "pretrain_segmenter",
+    "pretrain_sam2",
     "render_world",
     "train_depth_tokenizer",
     "train_perceptio",
@@ -48,7 +48,8 @@ def train_depth_tokenizer(world: Path, folder: Path, *, steps: int, resume: bool
     With ``resume``, continue from the newest checkpoint when there is one (a run killed before its first
     checkpoint starts again)."""
     from perceptio.tokenizers.depth.pipeline import train_from_folder
-    from perceptio.tokenizers.depth.train import TokenizerTrainConfig, latest_checkpoint
+    from perceptio.tokenizers.depth.train import TokenizerTrainConfig
+    from perceptio.utils.checkpoints import latest_checkpoint
 
     train_from_folder(
         world,
@@ -60,14 +61,15 @@ def train_depth_tokenizer(world: Path, folder: Path, *, steps: int, resume: bool
     )
 
 
-def pretrain_segmenter(
+def pretrain_sam2(
     world: Path, folder: Path, *, steps: int, batch_size: int, resume: bool = False, progress: bool = True
 ) -> None:
     """Pretrain the ``tiny`` SAM2 with point and box prompts on ``world``'s train-split object masks.
 
     With ``resume``, continue from the newest checkpoint when there is one (a run killed before its first
     checkpoint starts again)."""
-    from perceptio.train.segmenter import SegmenterPretrainConfig, pretrain_on_refer
+    from perceptio.train.config import SegmenterPretrainConfig
+    from perceptio.train.segmenter import pretrain_on_refer
     from perceptio.utils.checkpoints import latest_checkpoint
 
     config = SegmenterPretrainConfig(steps=steps, batch_size=batch_size)
@@ -85,7 +87,7 @@ def base_fingerprint(base: Path | None) -> str | None:
     if not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(
             f"the base model {base} has no config.json; make one with `perceptio pretrain`, "
-            "or start from random weights"
+            "or start from random weights (`perceptio quickstart --from-scratch`; no --base elsewhere)"
         )
     return sums.read_text() if sums.is_file() else str(Path(base).resolve())
 

@@ -14,7 +14,7 @@ Values are checked when the recipe loads, so a wrong recipe fails before any mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,10 +27,12 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "OptimConfig",
+    "SPEED_ONLY",
     "RunConfig",
     "SegmenterPretrainConfig",
     "TrainConfig",
     "TrainableConfig",
+    "outcome_settings",
 ]
 
 Mode = Literal["frozen", "full", "lora"]
@@ -295,6 +297,20 @@ class TrainConfig:
                 f"run.micro_batch_size ({self.run.micro_batch_size}) exceeds run.global_batch_size "
                 f"({self.run.global_batch_size})"
             )
+
+
+#: Recipe keys that change how fast a run goes, never what it computes (each is tested to give the same losses and
+#: weights): a resumed run may change them, and a pipeline stage's settings leave them out.
+SPEED_ONLY = ("run.data_workers", "run.feature_cache_mb")
+
+
+def outcome_settings(config: TrainConfig) -> dict[str, Any]:
+    """The recipe as a dict without the :data:`SPEED_ONLY` keys: what a trained model depends on."""
+    settings = asdict(config)
+    for key in SPEED_ONLY:
+        section, name = key.split(".")
+        settings[section].pop(name, None)
+    return settings
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from perceptio.config import ConfigError, config_to_dict, write_run_record
 from perceptio.data.errors import BadItemReport
 from perceptio.data.mixture import MixtureSampler
-from perceptio.errors import UserError
+from perceptio.errors import NonFiniteLossError
 from perceptio.losses import IGNORE_INDEX
 from perceptio.models.build import BUILD_OPTIONS, build_preset, from_components, load_model, save_model
 from perceptio.models.configuration_perceptio import DEFAULT_LOSS_WEIGHTS
@@ -48,7 +48,7 @@ from perceptio.models.feature_cache import FeatureCache
 from perceptio.models.lora import merge_lora
 from perceptio.models.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.models.processing import PerceptioProcessor
-from perceptio.train.config import ModelConfig, TrainConfig
+from perceptio.train.config import SPEED_ONLY, ModelConfig, TrainConfig
 from perceptio.train.data import TrainingData, collate
 from perceptio.train.optim import accumulation_steps, build_optimizer, warmup_cosine
 from perceptio.train.policy import apply_policy
@@ -77,8 +77,7 @@ _RESUMABLE_CHANGES = (
     "run.keep_checkpoints",
     "run.device",
     "run.threads",
-    "run.data_workers",
-    "run.feature_cache_mb",
+    *SPEED_ONLY,
     "eval",
     "optim.lr",  # the usual fixes after a non-finite loss: they change the trajectory from the checkpoint on
     "optim.warmup_ratio",
@@ -96,10 +95,6 @@ _RUN_OUTPUTS = (
     "bad_items.json",
     "trainable.txt",
 )
-
-
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The loss (or the gradient norm) became NaN or infinite; the weights were not updated with it."""
 
 
 @dataclass
@@ -429,7 +424,7 @@ class _LogWindow:
         if grad_norm is not None:
             self.steps["grad_norm"].append(float(grad_norm))
 
-    def line(self, run: _Run, step: int, lr: float, began: float) -> dict[str, Any]:
+    def line(self, run: _Run, step: int, lr: float) -> dict[str, Any]:
         """The log record of the window ending at ``step`` (collective under distributed training)."""
         steps = self.steps
         return {
@@ -442,7 +437,7 @@ class _LogWindow:
             "task_text_loss": _task_means(self.tasks, run.ctx),
             "mixture": {k: round(v, 4) for k, v in run.mixture.weights_at(step).items()},
             "drawn": dict(sorted(self.drawn.items())),
-            "seconds": time.perf_counter() - began,
+            "seconds": time.perf_counter() - run.began,
         }
 
     def saved(self, ctx: Distributed) -> dict[str, Any]:
@@ -482,7 +477,7 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not run.show)
     last_log: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
-    began = run.began = time.perf_counter()
+    run.began = time.perf_counter()
     run.trainable.train()
     steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start)
     prepared = iter(steps) if not cfg.data_workers else iter(steps.loader(cfg.data_workers))
@@ -501,7 +496,7 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
         if run.show:  # the bar shows this step's loss; the log line averages the window
             bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", refresh=False)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last_log = window.line(run, step, lr, began)
+            last_log = window.line(run, step, lr)
             if ctx.main:
                 _write_log_line(run, last_log)
                 bar.set_postfix(loss=f"{float(sums[0]):.3f}", lr=f"{lr:.1e}", sps=f"{last_log['samples_per_s']:.1f}")

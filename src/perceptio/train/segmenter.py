@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import Sam2Config, Sam2Model
 
 from perceptio.data.schema import Sample
+from perceptio.errors import NonFiniteLossError
 from perceptio.eval.metrics import SegmentationMeter
 from perceptio.losses import mask_bce_loss, mask_dice_loss
 from perceptio.models.processing import IMAGENET_MEAN, IMAGENET_STD
@@ -52,7 +53,7 @@ __all__ = [
 
 
 #: Settings that may change between a checkpoint and its resumption (they do not change the trajectory).
-_RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints")
+_RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "lr")  # a lower lr: the fix for a non-finite loss
 
 
 @dataclass
@@ -220,8 +221,8 @@ def _pretrain_segmenter(
         loss = 2.0 * mask_bce_loss(logits, targets) + 0.5 * mask_dice_loss(logits, targets)
         if not torch.isfinite(loss):  # stop before the bad step touches the weights
             good = last_good_checkpoint(out_dir, step)
-            raise FloatingPointError(
-                f"non-finite segmenter loss at step {step}; lower the learning rate, then "
+            raise NonFiniteLossError(
+                f"non-finite segmenter loss at step {step}; lower the learning rate (--lr), then "
                 + (f"continue from {good} with --resume" if good else "start again (no good checkpoint yet)")
             )
         optimizer.zero_grad(set_to_none=True)

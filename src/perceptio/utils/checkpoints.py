@@ -1,4 +1,4 @@
-"""Checkpoints of resumable jobs (Perceptio training, depth-tokenizer training): writing, reading, choosing one.
+"""Checkpoints of resumable jobs (Perceptio, depth-tokenizer and SAM2 training): writing, reading, choosing one.
 
 A job writes ``<out>/checkpoints/step-NNNNNNN`` folders. Each holds:
 

@@ -484,6 +484,8 @@ def generate_world(
     config = config or WorldConfig()
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) or choose another --out")
@@ -496,8 +498,6 @@ def generate_world(
     summary = WorldSummary(out_dir=out_dir)
     splits = _assign_splits(num_images, seed, config.split_fractions)
     writers = _Writers(partial, config)
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
     try:
         scenes = _rendered_scenes(seed, num_images, config, workers)
         bar = tqdm(scenes, total=num_images, desc="rendering synthetic world", unit="img", disable=not progress)

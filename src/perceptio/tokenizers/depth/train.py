@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from perceptio.errors import NonFiniteLossError
 from perceptio.tokenizers.depth.config import DepthTokenizerConfig
 from perceptio.tokenizers.depth.model import DepthTokenizer
 from perceptio.utils.checkpoints import (
@@ -91,7 +92,7 @@ def _check_resumable(
         folder,
         {"model": state.get("model_config", {}), "train": state.get("train_config", {})},
         {"model": model_config.to_dict(), "train": asdict(train_config)},
-        may_change=("train.steps",),
+        may_change=("train.steps", "train.lr"),  # a lower lr is the fix after a non-finite loss
         only_saved=True,
         fix="Use the original ones",
     )
@@ -229,8 +230,8 @@ def _train_tokenizer(
             output = model(batch, batch_valid)
             if not torch.isfinite(output.loss):  # stop before the bad step touches the weights
                 good = last_good_checkpoint(out_dir, step)
-                raise FloatingPointError(
-                    f"non-finite tokenizer loss at step {step}; lower the learning rate, then "
+                raise NonFiniteLossError(
+                    f"non-finite tokenizer loss at step {step}; lower the learning rate (--lr), then "
                     + (
                         f"continue from the last good checkpoint, {good}, with --resume"
                         if good
