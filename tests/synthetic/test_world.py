@@ -246,3 +246,11 @@ def test_tiny_resolution_world(tmp_path: Path) -> None:
     assert sum(summary.images.values()) == 8
     depth = read_depth_folder(tmp_path / "tiny" / "depth" / "train", image_dir=tmp_path / "tiny" / "images")
     assert depth[0].depth.load().values.shape == (64, 64)
+
+
+def test_bad_sizes_and_worker_counts_are_refused_before_any_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="num_images must be at least 1"):
+        generate_world(tmp_path / "none", num_images=0, progress=False)
+    with pytest.raises(ValueError, match="workers must be >= 0, got -1"):
+        generate_world(tmp_path / "bad", num_images=4, progress=False, workers=-1)
+    assert not list(tmp_path.iterdir())  # no folder, no .partial left behind
