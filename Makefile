@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python bench/depth_tokenizer.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/evaluation.py
+	$(BIN)/python bench/demo.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/under_load.py
 	$(BIN)/python bench/quickstart.py
