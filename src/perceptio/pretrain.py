@@ -27,14 +27,13 @@ from typing import Any
 from perceptio.pipeline import (
     Stage,
     check_limits,
-    pretrain_sam2,
-    render_world,
     run_stages,
+    sam2_stage,
     stage_records,
-    train_depth_tokenizer,
-    train_perceptio,
+    tokenizer_stage,
+    train_stage,
+    world_stage,
 )
-from perceptio.train.config import outcome_settings
 
 __all__ = ["PretrainConfig", "run_pretrain"]
 
@@ -101,53 +100,27 @@ def run_pretrain(config: PretrainConfig, *, echo: Callable[[str], None] = print)
         paths["world"] = Path(config.world)
     world = paths["world"]
     if config.world is None:
-        rendered = Stage(
-            "world",
-            (config.num_images, config.world_seed, config.image_size),
-            lambda resume: render_world(
-                world,
-                num_images=config.num_images,
-                seed=config.world_seed,
-                image_size=config.image_size,
-                progress=config.progress,
-            ),
-            folder=world,
+        rendered = world_stage(
+            world,
+            num_images=config.num_images,
+            seed=config.world_seed,
+            image_size=config.image_size,
+            progress=config.progress,
         )
     else:  # the user's world is read, never removed
         rendered = Stage("world", (_manifest(world),), lambda resume: None)
     stages = [
         rendered,
         Stage("alignment", (), lambda resume: _alignment(world, echo)),
-        Stage(
-            "tokenizer",
-            (config.tokenizer_steps,),
-            lambda resume: train_depth_tokenizer(
-                world, paths["tokenizer"], steps=config.tokenizer_steps, resume=resume, progress=config.progress
-            ),
-            folder=paths["tokenizer"],
-            resumable=True,
+        tokenizer_stage(world, paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
+        sam2_stage(
+            world,
+            paths["segmenter"],
+            steps=config.segmenter_steps,
+            batch_size=config.segmenter_batch_size,
+            progress=config.progress,
         ),
-        Stage(
-            "segmenter",
-            (config.segmenter_steps, config.segmenter_batch_size),
-            lambda resume: pretrain_sam2(
-                world,
-                paths["segmenter"],
-                steps=config.segmenter_steps,
-                batch_size=config.segmenter_batch_size,
-                resume=resume,
-                progress=config.progress,
-            ),
-            folder=paths["segmenter"],
-            resumable=True,
-        ),
-        Stage(
-            "train",
-            (outcome_settings(recipe),),
-            lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
-            folder=paths["train"],
-            resumable=True,
-        ),
+        train_stage(recipe, progress=config.progress),
         Stage(
             "base",
             (config.command,),

@@ -35,15 +35,14 @@ from perceptio.pipeline import (
     Stage,
     base_fingerprint,
     check_limits,
-    pretrain_sam2,
-    render_world,
     run_stages,
+    sam2_stage,
     stage_records,
-    train_depth_tokenizer,
-    train_perceptio,
+    tokenizer_stage,
+    train_stage,
     world_eval_settings,
+    world_stage,
 )
-from perceptio.train.config import outcome_settings
 
 __all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
@@ -213,17 +212,12 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
     world = paths["world"]
     recipe = _recipe(config, paths)
     stages = [
-        Stage(
-            "world",
-            (config.num_images, config.world_seed, config.image_size),
-            lambda resume: render_world(
-                world,
-                num_images=config.num_images,
-                seed=config.world_seed,
-                image_size=config.image_size,
-                progress=config.progress,
-            ),
-            folder=world,
+        world_stage(
+            world,
+            num_images=config.num_images,
+            seed=config.world_seed,
+            image_size=config.image_size,
+            progress=config.progress,
         ),
         Stage(
             "baseline",
@@ -231,36 +225,15 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
             lambda resume: _baseline(config, paths),
             folder=paths["baseline"],
         ),
-        Stage(
-            "tokenizer",
-            (config.tokenizer_steps,),
-            lambda resume: train_depth_tokenizer(
-                world, paths["tokenizer"], steps=config.tokenizer_steps, resume=resume, progress=config.progress
-            ),
-            folder=paths["tokenizer"],
-            resumable=True,
+        tokenizer_stage(world, paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
+        sam2_stage(
+            world,
+            paths["segmenter"],
+            steps=config.segmenter_steps,
+            batch_size=config.segmenter_batch_size,
+            progress=config.progress,
         ),
-        Stage(
-            "segmenter",
-            (config.segmenter_steps, config.segmenter_batch_size),
-            lambda resume: pretrain_sam2(
-                world,
-                paths["segmenter"],
-                steps=config.segmenter_steps,
-                batch_size=config.segmenter_batch_size,
-                resume=resume,
-                progress=config.progress,
-            ),
-            folder=paths["segmenter"],
-            resumable=True,
-        ),
-        Stage(
-            "train",
-            (outcome_settings(recipe), base_fingerprint(config.base)),
-            lambda resume: train_perceptio(recipe, resume=resume, progress=config.progress),
-            folder=paths["train"],
-            resumable=True,
-        ),
+        train_stage(recipe, base_fingerprint(config.base), progress=config.progress),
         Stage(
             "eval",
             (config.eval_limit, EVAL_TASKS, SPAN_TASKS),

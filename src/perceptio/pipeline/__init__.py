@@ -15,9 +15,13 @@ from perceptio.pipeline.stages import (
     base_fingerprint,
     pretrain_sam2,
     render_world,
+    sam2_stage,
+    tokenizer_stage,
     train_depth_tokenizer,
     train_perceptio,
+    train_stage,
     world_eval_settings,
+    world_stage,
 )
 
 __all__ = [
@@ -31,8 +35,12 @@ __all__ = [
     "render_world",
     "run_jobs",
     "run_stages",
+    "sam2_stage",
     "stage_records",
+    "tokenizer_stage",
     "train_depth_tokenizer",
     "train_perceptio",
+    "train_stage",
     "world_eval_settings",
+    "world_stage",
 ]

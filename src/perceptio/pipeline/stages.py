@@ -11,7 +11,9 @@ job process of :mod:`perceptio.pipeline.jobs` does) stays cheap.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from perceptio.pipeline.runner import Stage
 
 if TYPE_CHECKING:
     from perceptio.eval.harness import EvalSettings
@@ -20,6 +22,10 @@ if TYPE_CHECKING:
 __all__ = [
     "base_fingerprint",
     "pretrain_sam2",
+    "sam2_stage",
+    "tokenizer_stage",
+    "train_stage",
+    "world_stage",
     "render_world",
     "train_depth_tokenizer",
     "train_perceptio",
@@ -139,4 +145,56 @@ def world_eval_settings(
         batch_size=batch_size,
         resume=True,
         constrain=constrain,
+    )
+
+
+# The stages the applications share, with the settings that enter their digests (kept as they were, so that runs
+# made before these helpers existed are still recognised).
+
+
+def world_stage(folder: Path, *, num_images: int, seed: int, image_size: int, progress: bool = True) -> Stage:
+    """The ``world`` stage: :func:`render_world` into ``folder``."""
+    return Stage(
+        "world",
+        (num_images, seed, image_size),
+        lambda resume: render_world(folder, num_images=num_images, seed=seed, image_size=image_size, progress=progress),
+        folder=folder,
+    )
+
+
+def tokenizer_stage(world: Path, folder: Path, *, steps: int, progress: bool = True) -> Stage:
+    """The resumable ``tokenizer`` stage: :func:`train_depth_tokenizer` on ``world`` into ``folder``."""
+    return Stage(
+        "tokenizer",
+        (steps,),
+        lambda resume: train_depth_tokenizer(world, folder, steps=steps, resume=resume, progress=progress),
+        folder=folder,
+        resumable=True,
+    )
+
+
+def sam2_stage(world: Path, folder: Path, *, steps: int, batch_size: int, progress: bool = True) -> Stage:
+    """The resumable ``segmenter`` stage: :func:`pretrain_sam2` on ``world`` into ``folder``."""
+    return Stage(
+        "segmenter",
+        (steps, batch_size),
+        lambda resume: pretrain_sam2(
+            world, folder, steps=steps, batch_size=batch_size, resume=resume, progress=progress
+        ),
+        folder=folder,
+        resumable=True,
+    )
+
+
+def train_stage(recipe: TrainConfig, *extra_settings: Any, progress: bool = True) -> Stage:
+    """The resumable ``train`` stage: :func:`train_perceptio` of ``recipe`` into its ``run.out_dir``. Its settings
+    are what the model depends on (speed-only keys aside) and ``extra_settings`` (e.g. the base's fingerprint)."""
+    from perceptio.train.config import outcome_settings
+
+    return Stage(
+        "train",
+        (outcome_settings(recipe), *extra_settings),
+        lambda resume: train_perceptio(recipe, resume=resume, progress=progress),
+        folder=Path(recipe.run.out_dir),
+        resumable=True,
     )
