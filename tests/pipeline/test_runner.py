@@ -107,6 +107,15 @@ def test_an_interrupted_stage_resumes_only_when_resumable_and_unchanged(tmp_path
     assert stages.calls[-2] == ("tokenizer", False) and len(list((tmp_path / "tokenizer").iterdir())) == 1
 
 
+def test_a_stage_left_out_drops_its_record_and_redoes_the_later_ones(tmp_path: Path) -> None:
+    stages = Recorder(tmp_path)
+    run_stages(stages.stages(SETTINGS), tmp_path / "stages.json", echo=lambda _: None)
+    fewer = {name: value for name, value in SETTINGS.items() if name != "tokenizer"}
+    run_stages(stages.stages(fewer), tmp_path / "stages.json", echo=lambda _: None)
+    assert [name for name, _ in stages.calls] == ["world", "tokenizer", "train", "train"]  # its chain changed
+    assert set(stage_records(tmp_path / "stages.json")) == {"world", "train"}
+
+
 def test_until_stops_after_the_named_stage(tmp_path: Path) -> None:
     stages = Recorder(tmp_path)
     run_stages(stages.stages(SETTINGS), tmp_path / "stages.json", echo=lambda _: None, until="tokenizer")

@@ -96,11 +96,14 @@ def run_stages(
     """Run (or reuse, or resume) ``stages`` in order, up to and including ``until`` (default: all), keeping their
     records in ``record`` (a ``stages.json``).
 
-    Prints ``[k/n] name: running``, ``resuming`` or ``finished earlier, reusing ...``, then ``done in N s``."""
+    Prints ``[k/n] name: running``, ``resuming`` or ``finished earlier, reusing ...``, then ``done in N s``. Records
+    of stages that ``stages`` no longer has are dropped."""
     names = tuple(stage.name for stage in stages)
     if until is not None and until not in names:
         raise ValueError(f"until must be one of {names}, got {until!r}")
     records = _Records(Path(record), names, stage_records(record))
+    for name in set(records.records) - set(names):  # made by another pipeline in this folder: stale
+        records.records.pop(name)
     previous = ""
     for k, stage in enumerate(stages, start=1):
         digest = previous = settings_digest(previous, stage.settings)
