@@ -77,7 +77,9 @@ class QuickstartConfig:
     tokenizer_steps: int = field(
         default=1500, metadata={"help": "Depth-tokenizer training steps (from scratch only).", "min": 1}
     )
-    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps (from scratch only).", "min": 1})
+    segmenter_steps: int = field(
+        default=1500, metadata={"help": "SAM2 pretraining steps (from scratch only).", "min": 1}
+    )
     segmenter_batch_size: int = field(
         default=32, metadata={"help": "SAM2 pretraining batch size (from scratch only).", "min": 1}
     )
