@@ -3,11 +3,9 @@
 Stages, each written under ``out`` and reused by a second run once finished:
 
 1. ``world/``: render the synthetic world (train/val/test);
-2. ``baseline/``: the FiLM CNN trained on the world's VQA alone (the report's "how hard is the data" row);
-3. ``tokenizer/`` and ``segmenter/``, only when training from scratch: train the tiny depth tokenizer on the train
-   split's exact depth and pretrain the tiny SAM2 with point and box prompts on its object masks. Fine-tuned from
-   a base (the default), Perceptio keeps the base's own pretrained tokenizer and SAM2, as the paper takes SAM2 and
-   the depth tokenizer pretrained (the SAM2 image encoder stays frozen either way);
+2. ``tokenizer/``: train the tiny depth tokenizer on the train split's exact depth;
+3. ``segmenter/``: pretrain the tiny SAM2 with point and box prompts on the train split's object masks (its image
+   encoder is then frozen inside Perceptio, as in the paper);
 4. ``train/``: train the tiny Perceptio model with the recipe (``configs/tiny_synth.yaml``), resumable;
 5. ``eval/``: evaluate on the val split with *unconstrained* decoding: referring segmentation (cIoU, gIoU, and
    the same SAM2 prompted with a true point inside each object), relative depth with 2-5 markers (against the
@@ -46,11 +44,9 @@ from perceptio.pipeline import (
     world_stage,
 )
 
-__all__ = ["PART_STAGES", "QuickstartConfig", "STAGES", "TARGETS", "export_quickstart_model", "run_quickstart"]
+__all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
 STAGES = ("world", "baseline", "tokenizer", "segmenter", "train", "eval", "predictions", "report")
-PART_STAGES = ("tokenizer", "segmenter")
-"""Stages run only from scratch: a base brings its own pretrained depth tokenizer and SAM2."""
 EVAL_TASKS = ("refcoco", "hardblink", "depth", "vqa")
 SPAN_TASKS = ("hardblink", "depth")
 """Tasks whose answers follow a depth span: evaluated a second time with unconstrained decoding."""
@@ -74,15 +70,9 @@ class QuickstartConfig:
     num_images: int = field(default=4000, metadata={"help": "Images in the synthetic world.", "min": 10})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
     image_size: int = field(default=128, metadata={"help": "Side of the world's square images, in pixels."})
-    tokenizer_steps: int = field(
-        default=1500, metadata={"help": "Depth-tokenizer training steps (from scratch only).", "min": 1}
-    )
-    segmenter_steps: int = field(
-        default=1500, metadata={"help": "SAM2 pretraining steps (from scratch only).", "min": 1}
-    )
-    segmenter_batch_size: int = field(
-        default=32, metadata={"help": "SAM2 pretraining batch size (from scratch only).", "min": 1}
-    )
+    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
+    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    segmenter_batch_size: int = field(default=32, metadata={"help": "SAM2 pretraining batch size.", "min": 1})
     eval_limit: int | None = field(
         default=None, metadata={"help": "Evaluate only the first N samples of each task.", "min": 1}
     )
@@ -235,7 +225,14 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
             lambda resume: _baseline(config, paths),
             folder=paths["baseline"],
         ),
-        *_part_stages(config, paths),
+        tokenizer_stage(world, paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
+        sam2_stage(
+            world,
+            paths["segmenter"],
+            steps=config.segmenter_steps,
+            batch_size=config.segmenter_batch_size,
+            progress=config.progress,
+        ),
         train_stage(recipe, base_fingerprint(config.base), progress=config.progress),
         Stage(
             "eval",
@@ -253,22 +250,6 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
     run_stages(stages, out / "stages.json", echo=echo, until=until)
     echo(f"finished in {time.perf_counter() - began:.0f} s (this run)")
     return out / "report.md"
-
-
-def _part_stages(config: QuickstartConfig, paths: dict[str, Path]) -> list[Stage]:
-    """The depth tokenizer and SAM2 stages: none when fine-tuning from a base, which brings both pretrained."""
-    if config.base is not None:
-        return []
-    return [
-        tokenizer_stage(paths["world"], paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
-        sam2_stage(
-            paths["world"],
-            paths["segmenter"],
-            steps=config.segmenter_steps,
-            batch_size=config.segmenter_batch_size,
-            progress=config.progress,
-        ),
-    ]
 
 
 def _targets_table(summary: dict[str, Any]) -> list[str]:
@@ -349,12 +330,14 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
     from perceptio.config import load_config
     from perceptio.train.config import TrainConfig
 
-    pointed = [f"data.root={paths['world']}", f"run.out_dir={paths['train']}"]
-    if config.base is not None:  # fine-tune from the pretrained base (its tokenizer and SAM2 included)
-        pointed += ["model.preset=null", f"model.init={config.base}", "model.depth_tokenizer=null"]
-        pointed += ["model.segmenter_weights=null"]
-    else:
-        pointed += [f"model.depth_tokenizer={paths['tokenizer']}", f"model.segmenter_weights={paths['segmenter']}"]
+    pointed = [
+        f"data.root={paths['world']}",
+        f"model.depth_tokenizer={paths['tokenizer']}",
+        f"model.segmenter_weights={paths['segmenter']}",
+        f"run.out_dir={paths['train']}",
+    ]
+    if config.base is not None:  # fine-tune from the pretrained base, as the paper fine-tunes from InternVL
+        pointed += ["model.preset=null", f"model.init={config.base}"]
     return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
 
 
@@ -389,7 +372,7 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path]) -> None:
     for task in SPAN_TASKS:  # unconstrained, so that the well-formed share measures the model, not the grammar
         settings = _eval_settings(config, paths, task, constrain=False)
         metrics[f"{task}_unconstrained"] = run_eval(settings, progress=config.progress, model=model)
-    metrics["reference"] = _references(config, paths, samples, model[0])
+    metrics["reference"] = _references(config, paths, samples)
     metrics["image_use"] = _image_use(config, paths, model)
     loose = [metrics[f"{t}_unconstrained"] for t in SPAN_TASKS if metrics[f"{t}_unconstrained"]["count"]]
     total = sum(m["count"] for m in loose)
@@ -408,25 +391,17 @@ def _image_use(config: QuickstartConfig, paths: dict[str, Path], model_and_proce
     return image_use_gap(model, processor, data, samples=config.eval_limit or 64)
 
 
-def _references(
-    config: QuickstartConfig,
-    paths: dict[str, Path],
-    samples: dict[str, list],
-    model: Any,  # noqa: ANN401 - PerceptioForConditionalGeneration, imported lazily
-) -> dict[str, Any]:
-    """What ``model`` is measured against: the point-prompted pretrained SAM2 (the base's, or the segmenter stage's
-    from scratch) on the same expressions, the majority answer per point count, the VQA answer prior per category
-    (share of its most common answer), and the mean depth map of the world's train split at the tokenizer's
-    resolution."""
+def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[str, list]) -> dict[str, Any]:
+    """What the model is measured against: the point-prompted pretrained SAM2 on the same expressions, the
+    majority answer per point count, the VQA answer prior per category (share of its most common answer), and the
+    mean training depth map."""
     from perceptio.eval.extract import normalize_answer
-    from perceptio.models.build import load_model
     from perceptio.models.sam2 import load_sam2
     from perceptio.tokenizers.depth.evaluate import depth_metrics
-    from perceptio.tokenizers.depth.pipeline import collect_teacher_maps, mean_depth_map
     from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
     from perceptio.train.segmenter import load_objects, point_prompt_ciou
 
-    sam = load_sam2(paths["segmenter"]) if config.base is None else load_model(config.base)[0].segmenter
+    sam = load_sam2(paths["segmenter"])
     size = sam.config.prompt_encoder_config.image_size
     point = point_prompt_ciou(sam, load_objects(samples["refcoco"], size, distinct=False))
 
@@ -440,9 +415,8 @@ def _references(
         by_category.setdefault(category, Counter())[normalize_answer(sample.answer)] += 1
     vqa_prior = {name: max(c.values()) / sum(c.values()) for name, c in sorted(by_category.items())}
 
-    size = model.depth_tokenizer.config.input_size
-    mean_map = mean_depth_map(collect_teacher_maps(paths["world"], split="train", size=size, progress=False))
-    maps, _ = teacher_maps(samples["depth"], GroundTruthTeacher(), size=size, progress=False)
+    mean_map = np.load(paths["tokenizer"] / "mean_map.npy")
+    maps, _ = teacher_maps(samples["depth"], GroundTruthTeacher(), size=mean_map.shape[0], progress=False)
     scores = [depth_metrics(mean_map, m.depth) for m in maps]
     return {
         "point_prompt_ciou": point["ciou"],

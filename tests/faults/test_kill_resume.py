@@ -123,12 +123,11 @@ def _stage_status(out: Path, stage: str) -> str | None:
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed: int, tmp_path: Path) -> None:
-    """A shortened quickstart from scratch (so that it has every stage) SIGKILLed inside each of its stages in turn
-    (world, baseline, tokenizer, segmenter, training, evaluation; at a random moment of each), restarted after every
-    kill: the finished run reports the uninterrupted run's metrics, and every stage ends done."""
+    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, baseline, tokenizer, segmenter,
+    training, evaluation; at a random moment of each), restarted after every kill: the finished run reports the
+    uninterrupted run's metrics, and every stage ends done."""
     short = [
-        "--from-scratch", "--recipe", str(TINY), "--num-images", "40", "--tokenizer-steps", "20",
-        "--segmenter-steps", "20",
+        "--recipe", str(TINY), "--num-images", "40", "--tokenizer-steps", "20", "--segmenter-steps", "20",
         "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "20", "run.checkpoint_every=2", "run.log_every=1",
         "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4", "run.steps=12",
     ]  # fmt: skip

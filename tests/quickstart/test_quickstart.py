@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from perceptio.cli.main import app
 from perceptio.data.readers import read_hardblink
-from perceptio.quickstart import PART_STAGES, STAGES, TARGETS, QuickstartConfig, run_quickstart
+from perceptio.quickstart import STAGES, TARGETS
 from perceptio.utils.viz import LINE_COLORS, line_chart
-from perceptio.weights import shipped, verify
+from perceptio.weights import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "configs" / "tiny_synth.yaml"
@@ -29,15 +27,10 @@ OPTIONS = [
     "--recipe", str(RECIPE), "--num-images", "40", "--tokenizer-steps", "5", "--segmenter-steps", "5",
     "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "3",
 ]  # fmt: skip
-FROM_BASE = [stage for stage in STAGES if stage not in PART_STAGES]  # the default: the base's tokenizer and SAM2
 RECIPE_OVERRIDES = [
     "run.checkpoint_every=2", "run.log_every=1", "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4",
 ]  # fmt: skip
 SHORT = [*OPTIONS, *RECIPE_OVERRIDES, "run.steps=4"]
-
-
-def model_file(out: Path) -> Path:
-    return out / "train" / "model" / "model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +43,12 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 
 def test_every_stage_runs_and_the_report_is_written(quickstart_run: tuple[Path, str]) -> None:
     out, output = quickstart_run
-    for k, stage in enumerate(FROM_BASE, start=1):
-        assert f"[{k}/{len(FROM_BASE)}] {stage}: running" in output
+    for k, stage in enumerate(STAGES, start=1):
+        assert f"[{k}/{len(STAGES)}] {stage}: running" in output
     assert f"report: {out / 'report.md'}" in output
-    assert set(json.loads((out / "stages.json").read_text())) == set(FROM_BASE)
+    assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
     assert (out / "train" / "model" / "config.json").is_file()
-    assert not (out / "segmenter").exists() and not (out / "tokenizer").exists()  # the base's own are used
-    base, trained = load_file(shipped("tiny-base") / "model.safetensors"), load_file(model_file(out))
-    frozen = [k for k in base if k.startswith(("depth_tokenizer.", "segmenter.vision_encoder."))]
-    assert frozen and all(torch.equal(base[k], trained[k]) for k in frozen)
+    assert (out / "segmenter" / "model.safetensors").is_file() and (out / "tokenizer" / "mean_map.npy").is_file()
 
     report = (out / "report.md").read_text()
     for target in TARGETS:
@@ -131,7 +121,7 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
     refcoco_predictions = out / "eval" / "refcoco" / "predictions.jsonl"
     again = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
     assert again.exit_code == 0, again.output
-    for stage in FROM_BASE[:-1]:
+    for stage in STAGES[:-1]:
         assert f"{stage}: finished earlier, reusing" in again.output
     assert model_file.stat().st_mtime_ns == model_stamp
 
@@ -152,7 +142,7 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
 
     changed = runner.invoke(app, ["quickstart", "--out", str(out), *OPTIONS, *RECIPE_OVERRIDES, "run.steps=5"])
     assert changed.exit_code == 0, changed.output
-    for stage in ("world", "baseline"):
+    for stage in ("world", "tokenizer", "segmenter"):
         assert f"{stage}: finished earlier, reusing" in changed.output
     for stage in ("train", "eval", "predictions", "report"):
         assert f"{stage}: running" in changed.output
@@ -160,20 +150,6 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
     assert json.loads(logs[-1])["step"] == 5
     # the new model's predictions, not the old ones that the evaluation's own resume would have kept
     assert "kept" not in json.loads(refcoco_predictions.read_text().splitlines()[0])
-
-
-def test_from_scratch_trains_its_own_tokenizer_and_sam2_first(tmp_path: Path) -> None:
-    config = QuickstartConfig(
-        out=tmp_path / "qs", recipe=RECIPE, num_images=40, tokenizer_steps=5, segmenter_steps=5, baseline_steps=0,
-        progress=False, base=None,
-    )  # fmt: skip
-    lines: list[str] = []
-    run_quickstart(config, echo=lines.append, until="segmenter")
-    assert [line for line in lines if line.endswith(": running")] == [
-        f"[{k}/{len(STAGES)}] {stage}: running" for k, stage in enumerate(STAGES[:4], start=1)
-    ]
-    assert (config.out / "tokenizer" / "mean_map.npy").is_file()
-    assert (config.out / "segmenter" / "model.safetensors").is_file()
 
 
 def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:

@@ -193,7 +193,6 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
         segmenter_steps=config.segmenter_steps,
         baseline_steps=0,  # the quickstart's FiLM VQA baseline is not part of this experiment
         progress=config.progress,
-        base=None,  # the quickstart's from-scratch stages: every arm reads this tokenizer and SAM2, base or not
     )
     echo("[1/4] world, depth tokenizer and pretrained segmenter")
     run_quickstart(qs, echo=lambda line: echo("  " + line), until="segmenter")
