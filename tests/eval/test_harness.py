@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,28 @@ def test_resume_refuses_predictions_of_other_weights_in_the_same_folder(world_di
     save_model(retrained, processor, folder)
     with pytest.raises(ValueError, match="cannot resume with other settings: weights"):
         run_eval(_settings("hardblink", folder, data, out, limit=2, resume=True), progress=False)
+
+
+def test_an_evaluation_encodes_an_image_once_for_all_its_expressions(
+    world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consecutive expressions of one image reuse its frozen SAM2 features: fewer encoder calls, the same output."""
+    from perceptio.eval import harness
+    from perceptio.models.build import load_model
+    from perceptio.weights import shipped
+
+    model, processor = load_model(shipped("tiny-perceptio"))
+    encoder = model.segmenter.get_image_features
+    calls: list[int] = []
+    monkeypatch.setattr(model.segmenter, "get_image_features", lambda *a, **k: calls.append(1) or encoder(*a, **k))
+    runs = {}
+    for budget in (0, harness.FEATURE_CACHE_BYTES):
+        monkeypatch.setattr(harness, "FEATURE_CACHE_BYTES", budget)
+        calls.clear()
+        out = tmp_path / str(budget)
+        settings = _settings("refcoco", shipped("tiny-perceptio"), world_dir, out, split="val", limit=12)
+        run_eval(replace(settings, image_root=world_dir / "images"), progress=False, model=(model, processor))
+        runs[budget] = len(calls), (out / "predictions.jsonl").read_text()
+    (uncached, plain), (cached, fast) = runs[0], runs[harness.FEATURE_CACHE_BYTES]
+    assert fast == plain and 0 < cached < uncached
+    assert model.sam_feature_cache is None  # the model's own setting is back

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -493,18 +494,31 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
 
     def cache_frozen_features(self, max_bytes: int) -> None:
         """Keep the frozen SAM2 image encoder's features of up to ``max_bytes`` of recently seen images and reuse
-        them (0: no cache). The features are the same at every step, so losses and gradients do not change; what
-        changes is the time, when a run sees its images many times (training does; see ``run.feature_cache_mb``)."""
+        them (0: no cache). The features are the same at every step, so losses, gradients and masks do not change;
+        what changes is the time, when a run sees its images many times (training does, see
+        ``run.feature_cache_mb``; so does an evaluation with several expressions per image)."""
         self.sam_feature_cache = FeatureCache(max_bytes) if max_bytes > 0 else None
+
+    @contextmanager
+    def frozen_features_cached(self, max_bytes: int) -> Iterator[None]:
+        """Within the block, cache the frozen SAM2 features as :meth:`cache_frozen_features` does (a cache already
+        set is kept); afterwards the model's own setting is back."""
+        before = self.sam_feature_cache
+        if before is None:
+            self.cache_frozen_features(max_bytes)
+        try:
+            yield
+        finally:
+            self.sam_feature_cache = before
 
     @torch.no_grad()  # the image encoder is frozen
     def _frozen_image_features(self, sam_pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """SAM2's multi-scale image features, each (h * w, B, C). A single image in training (how the mask loss
-        sends each sample) comes from the cache when there is one; a batch is never taken apart, since the
+        """SAM2's multi-scale image features, each (h * w, B, C). A single image (how the mask loss and ``predict``
+        send each sample) comes from the cache when there is one; a batch is never taken apart, since the
         encoder's kernels may round differently for another batch size."""
         sam = self.segmenter
         encode = lambda pixels: tuple(sam.get_image_features(pixels, return_dict=True).fpn_hidden_states)  # noqa: E731
-        if self.sam_feature_cache is None or not self.training or len(sam_pixel_values) != 1:
+        if self.sam_feature_cache is None or len(sam_pixel_values) != 1:
             return encode(sam_pixel_values)
         return self.sam_feature_cache.get(sam_pixel_values, encode)
 
