@@ -95,8 +95,10 @@ def test_cli_runs_tabulates_and_reuses_jobs(world_dir: Path, tmp_path: Path) -> 
         assert plot.width > 300 and plot.height > 200
     again = CliRunner().invoke(app, args)
     assert again.output.count("finished earlier") == 4
-    changed = CliRunner().invoke(app, [*args, "--lr", "0.01"])
-    assert changed.exit_code == 0 and "finished earlier" not in changed.output
+    one = [*args[: args.index("--levels")], "--levels", "L0", "--arms", "baseline", *args[args.index("--steps") :]]
+    changed = CliRunner().invoke(app, [*one, "--lr", "0.01"])  # one job: each one is a new process (seconds)
+    assert changed.exit_code == 0 and "L0 baseline seed 0: started" in changed.output
+    assert "finished earlier" not in changed.output
     bad = CliRunner().invoke(app, ["experiment", "grounding", "--out", str(out), "--levels", "L9"])
     assert bad.exit_code == 2 and "unknown level" in bad.output
 
