@@ -315,7 +315,9 @@ def train_film_baseline(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = FilmVQA(len(vocab) + 2, len(answer_classes), width=config.width)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(  # foreach: bit-identical to the per-tensor loop, fewer calls
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
+        )
         generator = torch.Generator().manual_seed(config.seed)
         losses: list[float] = []
         model.train()

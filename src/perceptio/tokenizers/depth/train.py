@@ -170,7 +170,7 @@ def _train_tokenizer(
         raise ValueError(f"valid must have the shape of maps {maps.shape}, got {valid.shape}")
     torch.manual_seed(train_config.seed)  # the initial weights, so two fresh runs with one seed are identical
     model = DepthTokenizer(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, foreach=True)  # bit-identical, fewer calls
     start = 0
     window = np.zeros(model_config.num_codes, dtype=np.int64)  # codes seen since the last log line
     digest = _data_digest(maps, valid)
