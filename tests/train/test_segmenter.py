@@ -116,3 +116,19 @@ def test_the_segmentation_mode_is_one_setting_of_the_built_and_saved_model(tmp_p
     assert all(p.requires_grad for p in decoder.iou_prediction_head.parameters())
     kept, _ = build_model(ModelConfig(preset=None, init=tmp_path / "single"))  # null keeps the saved mode
     assert kept.config.seg_multimask is False
+
+
+def test_the_interior_point_of_the_bounding_box_is_the_whole_images() -> None:
+    """Eroding the mask's bounding box (plus a background margin) gives the point that eroding the whole image
+    gives, for masks inside the image and touching its edges, holes included."""
+    from perceptio.train.segmenter import _eroded_centre, _interior_point
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        mask = np.zeros((int(rng.integers(3, 40)), int(rng.integers(3, 40))), bool)
+        y, x = int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
+        h, w = (int(v) for v in rng.integers(1, 15, 2))
+        mask[max(0, y - h) : y + h, max(0, x - w) : x + w] = True
+        mask[rng.random(mask.shape) < 0.1] = False
+        if mask.any():
+            assert _interior_point(mask) == _eroded_centre(mask)

@@ -68,7 +68,18 @@ class _Objects:
 
 
 def _interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """The mask pixel farthest from the mask's border (a point surely inside the object), by repeated erosion."""
+    """The mask pixel farthest from the mask's border (a point surely inside the object), by repeated erosion.
+
+    The erosion runs on the mask's bounding box with one background pixel around it where the image has one
+    (the image's own edge otherwise), which erodes exactly as the whole image does, in a fraction of the time."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])
+    x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])
+    x, y = _eroded_centre(mask[y0:y1, x0:x1])
+    return x + x0, y + y0
+
+
+def _eroded_centre(mask: np.ndarray) -> tuple[float, float]:
     current = mask.copy()
     while True:
         shrunk = current.copy()
