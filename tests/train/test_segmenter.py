@@ -132,3 +132,4 @@ def test_the_interior_point_of_the_bounding_box_is_the_whole_images() -> None:
         mask[rng.random(mask.shape) < 0.1] = False
         if mask.any():
             assert _interior_point(mask) == _eroded_centre(mask)
+    assert _interior_point(np.ones((3, 5), bool)) == (2.5, 1.5)  # a mask that fills the image: its centre

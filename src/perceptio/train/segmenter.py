@@ -87,7 +87,7 @@ def _eroded_centre(mask: np.ndarray) -> tuple[float, float]:
         shrunk[:-1] &= current[1:]
         shrunk[:, 1:] &= current[:, :-1]
         shrunk[:, :-1] &= current[:, 1:]
-        if not shrunk.any():
+        if not shrunk.any() or np.array_equal(shrunk, current):  # a mask that fills the image never shrinks
             break
         current = shrunk
     ys, xs = np.nonzero(current)
