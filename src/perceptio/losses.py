@@ -96,18 +96,19 @@ def depth_count_loss(
     """
     codes = _code_positions(targets, code_ids)
     ends = targets == end_id
-    rows = [b for b in range(targets.shape[0]) if bool(codes[b].any()) and bool(ends[b].any())]
-    if not rows:
+    spans = codes.any(1) & ends.any(1)  # the sequences with a span
+    if not bool(spans.any()):
         return _zero(logits)
-    losses = []
-    for b in rows:
-        # softmax only at the span's positions: the full sequence (image tokens included) would cost
-        # positions x vocabulary memory for nothing
-        code_probs = torch.softmax(logits[b][codes[b]].float(), dim=-1)
-        code_mass = code_probs[:, code_ids.start : code_ids.stop].sum()
-        count_term = (code_mass - span_length).abs() / span_length
-        end_term = -torch.log_softmax(logits[b][ends[b]].float(), dim=-1)[:, end_id].mean()
-        losses.append(count_term + end_term)
+    codes, ends = codes & spans[:, None], ends & spans[:, None]
+    # One indexing per kind of position, split by sequence afterwards: indexing a sequence at a time would
+    # cost a (B, T, V) gradient buffer per index in the backward pass. The softmax is taken only at the span's
+    # positions: the full sequence (image tokens included) would cost positions x vocabulary memory for nothing.
+    code_probs = torch.softmax(logits[codes].float(), dim=-1)[:, code_ids.start : code_ids.stop]
+    end_nll = -torch.log_softmax(logits[ends].float(), dim=-1)[:, end_id]
+    per_span = zip(
+        code_probs.split(codes.sum(1)[spans].tolist()), end_nll.split(ends.sum(1)[spans].tolist()), strict=True
+    )
+    losses = [(probs.sum() - span_length).abs() / span_length + nll.mean() for probs, nll in per_span]
     return torch.stack(losses).mean()
 
 
@@ -128,11 +129,13 @@ def depth_recon_loss(
     tokenizer, i.e. ``DepthTokenizer.decode_soft`` and ``lambda c: tokenizer.decode(c.view(M, h, w))``.
     """
     codes = _code_positions(targets, code_ids)
-    rows = [b for b in range(targets.shape[0]) if int(codes[b].sum()) == span_length]
-    if not rows:
+    full = codes.sum(1) == span_length
+    if not bool(full.any()):
         return _zero(logits)
-    code_logits = torch.stack([logits[b][codes[b]][:, code_ids.start : code_ids.stop] for b in rows]).float()
-    target_codes = torch.stack([targets[b][codes[b]] - code_ids.start for b in rows])
+    codes &= full[:, None]  # one indexing for every full span (see depth_count_loss)
+    spans = int(full.sum())
+    code_logits = logits[codes][:, code_ids.start : code_ids.stop].reshape(spans, span_length, -1).float()
+    target_codes = (targets[codes] - code_ids.start).reshape(spans, span_length)
     predicted = decode_soft(logits=code_logits, temperature=temperature)
     with torch.no_grad():
         reference = decode(target_codes)

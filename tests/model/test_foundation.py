@@ -105,6 +105,27 @@ def test_segmentation_path_shapes_and_gradients(tiny) -> None:  # noqa: ANN001
     assert all(p.grad is None for p in model.segmenter.vision_encoder.parameters())
 
 
+def test_mask_terms_decode_every_object_of_a_batch_at_once_as_per_image_calls_would(tiny) -> None:  # noqa: ANN001
+    """Training sends every object of a batch through the mask decoder in one call; its masks are what
+    ``segment`` gives image by image (to rounding: the decoder's matrix products see another batch size)."""
+    model, _ = tiny
+    seg = model.config.resolved_token_ids.seg
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 100, (3, 12))
+    input_ids[0, [3, 7]] = seg  # two objects
+    input_ids[1, 5] = seg  # one object, no target mask: left out
+    input_ids[2, 9] = seg  # one object
+    hidden = torch.randn(3, 12, 64)
+    pixels = torch.randn(3, 3, 64, 64)
+    gt_masks = [torch.rand(2, 64, 64) > 0.5, None, torch.rand(1, 64, 64) > 0.5]
+    per_sample, bce, dice, _ = model._mask_terms(hidden, input_ids, pixels, gt_masks)
+    assert per_sample[1] is None and per_sample[0].shape == (2, 16, 16) and per_sample[2].shape == (1, 16, 16)
+    for b in (0, 2):
+        alone = model.select_masks(*model.segment(pixels[b : b + 1], hidden[b][input_ids[b] == seg][None]))[0]
+        torch.testing.assert_close(per_sample[b], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(bce) and torch.isfinite(dice)
+
+
 def test_best_iou_candidate_is_selected() -> None:
     logits = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.float32).view(2, 1, 3, 2, 2)
     iou = torch.tensor([[[0.1, 0.9, 0.3]], [[0.8, 0.1, 0.2]]])

@@ -86,6 +86,33 @@ def test_depth_recon_loss_is_zero_for_confident_right_codes_and_differentiable()
     assert float(noisy.grad[0, 1 : span + 1, :4].abs().sum()) == 0  # only the code logits take part
 
 
+def test_span_terms_of_a_batch_are_the_mean_of_each_sequence_alone() -> None:
+    """depth_count and depth_recon average per-span terms: a batch gives the mean over its sequences with a (full)
+    span, each as if alone, whatever the spans' positions and the sequences without one."""
+    config = DepthTokenizerConfig(input_size=8, channels=(8, 8), num_res_blocks=0, code_dim=4, num_codes=3)
+    tok = DepthTokenizer(config).eval().requires_grad_(False)
+    span = config.num_tokens  # 2x2 grid = 4 codes
+    torch.manual_seed(0)
+    targets = torch.full((5, 12), X)
+    for b, (at, length) in enumerate([(0, span), (3, span), (2, 2), (6, span)]):  # sequence 4: no span at all
+        targets[b, at] = START
+        targets[b, at + 1 : at + 1 + length] = torch.randint(CODES.start, CODES.stop, (length,))
+        targets[b, at + 1 + length] = END
+    targets[1, 0] = 7  # some text before a span
+    logits = torch.randn(5, 12, V)
+    count = {"code_ids": CODES, "end_id": END, "span_length": span}
+    recon = {
+        "code_ids": CODES,
+        "span_length": span,
+        "decode_soft": tok.decode_soft,
+        "decode": lambda c: tok.decode(c.view(-1, 2, 2)),
+    }
+    alone = [depth_count_loss(logits[b : b + 1], targets[b : b + 1], **count) for b in range(4)]
+    assert depth_count_loss(logits, targets, **count).item() == pytest.approx(torch.stack(alone).mean().item())
+    full = [depth_recon_loss(logits[b : b + 1], targets[b : b + 1], **recon) for b in (0, 1, 3)]  # 2: 2 codes only
+    assert depth_recon_loss(logits, targets, **recon).item() == pytest.approx(torch.stack(full).mean().item())
+
+
 def test_mask_losses_by_hand() -> None:
     logits = torch.zeros(1, 2, 2)
     masks = torch.ones(1, 2, 2)

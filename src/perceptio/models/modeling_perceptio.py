@@ -468,20 +468,42 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 with ``config.seg_multimask``, else 1.
             iou_scores: (B, N, K) the decoder's predicted IoU of each candidate.
         """
-        sam = self.segmenter
         b, n, _ = seg_hidden.shape
-        levels = list(self._frozen_image_features(sam_pixel_values))
+        levels = self._frozen_image_features(sam_pixel_values)
+        image_of = torch.arange(b, device=seg_hidden.device).repeat_interleave(n)
+        masks, iou_scores = self._decode_objects(levels, image_of, seg_hidden.reshape(b * n, -1))
+        return masks.view(b, n, *masks.shape[1:]), iou_scores.view(b, n, -1)
+
+    def _decode_objects(
+        self, levels: Sequence[torch.Tensor], image_of: torch.Tensor, seg_hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SAM2 mask decoder over M objects at once, each prompted by one segmentation-token hidden state.
+
+        Args:
+            levels: SAM2's frozen multi-scale features of the images, each (h * w, B, C).
+            image_of: (M,) the image of each object (an index into the B images).
+            seg_hidden: (M, D) the objects' hidden states.
+
+        Returns:
+            (M, K, h, w) mask logits and (M, K) predicted IoUs.
+        """
+        sam = self.segmenter
+        m = len(seg_hidden)
+        levels = list(levels)
         levels[-1] = levels[-1] + sam.no_memory_embedding  # image-only use: no memory, as SAM2 does for frame 0
         embeddings = [
-            x.permute(1, 2, 0).reshape(b, -1, *size) for x, size in zip(levels, sam.backbone_feature_sizes, strict=True)
+            x.permute(1, 2, 0).reshape(x.shape[1], -1, *size)[image_of]
+            for x, size in zip(levels, sam.backbone_feature_sizes, strict=True)
         ]
         sparse = self.seg_projection(seg_hidden)
         if self.seg_prompt_gain is not None:
             sparse = sparse * torch.rsqrt(sparse.pow(2).mean(-1, keepdim=True) + 1e-8) * self.seg_prompt_gain
-        sparse = sparse.unsqueeze(2)  # (B, N objects as point batches, 1 token, C)
+        # each object is its own image batch entry with one prompt token: SAM2's decoder treats the objects of
+        # one image the same way (it repeats the image per prompt), so this is one call for every image
+        sparse = sparse[:, None, None]  # (M, 1 prompt set, 1 token, C)
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = dense.expand(b, -1, *sam.prompt_encoder.image_embedding_size)
-        positional = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
+        dense = dense.expand(m, -1, *sam.prompt_encoder.image_embedding_size)
+        positional = sam.get_image_wide_positional_embeddings().expand(m, -1, -1, -1)
         masks, iou_scores, _, _ = sam.mask_decoder(
             image_embeddings=embeddings[-1],
             image_positional_embeddings=positional,
@@ -490,7 +512,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             multimask_output=self.config.seg_multimask,
             high_resolution_features=embeddings[:-1],
         )
-        return masks, iou_scores
+        return masks[:, 0], iou_scores[:, 0]
 
     def cache_frozen_features(self, max_bytes: int) -> None:
         """Keep the frozen SAM2 image encoder's features of up to ``max_bytes`` of recently seen images and reuse
@@ -611,21 +633,33 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             return None, zero, zero, zero
         if sam_pixel_values is None:
             raise ValueError("gt_masks need sam_pixel_values (the processor makes them)")
+        counts = seg.sum(1).tolist()
+        rows = [b for b, target in enumerate(gt_masks) if target is not None and len(target)]  # type: ignore[arg-type]
+        for b in rows:
+            if counts[b] != len(gt_masks[b]):  # type: ignore[index, arg-type]
+                raise ValueError(
+                    f"sample {b} has {counts[b]} segmentation token(s) in its sequence but {len(gt_masks[b])} "  # type: ignore[index, arg-type]
+                    "target mask(s); the target text must hold one segmentation token per mask"
+                )
+        # every object of the batch through the mask decoder in one call; the frozen features come per image
+        # (from the cache when there is one)
+        features = [self._frozen_image_features(sam_pixel_values[b : b + 1]) for b in rows]
+        levels = [torch.cat(level, dim=1) for level in zip(*features, strict=True)]
+        image_of = torch.repeat_interleave(
+            torch.arange(len(rows), device=hidden.device), torch.tensor([counts[b] for b in rows], device=hidden.device)
+        )
+        with_target = torch.zeros_like(seg[:, 0])
+        with_target[rows] = True
+        all_logits, all_iou = self._decode_objects(levels, image_of, hidden[seg & with_target[:, None]])
+        by_row = dict(zip(rows, zip(all_logits.split([counts[b] for b in rows]), all_iou.split([counts[b] for b in rows]), strict=True), strict=True))
         weights = self.config.loss_weights
         per_sample: list[torch.Tensor | None] = []
         chosen, targets, predicted_iou, actual_iou = [], [], [], []
         for b, target in enumerate(gt_masks):  # type: ignore[arg-type]
-            count = int(seg[b].sum())
-            if target is None or len(target) == 0:
+            if b not in by_row:
                 per_sample.append(None)
                 continue
-            if count != len(target):
-                raise ValueError(
-                    f"sample {b} has {count} segmentation token(s) in its sequence but {len(target)} target mask(s); "
-                    "the target text must hold one segmentation token per mask"
-                )
-            logits, iou = self.segment(sam_pixel_values[b : b + 1], hidden[b][seg[b]][None])
-            logits, iou = logits[0], iou[0]  # (N, K, h, w), (N, K)
+            logits, iou = by_row[b]  # (N, K, h, w), (N, K)
             resized = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")
             resized = resized.to(logits.device)  # (N, 1, h, w)
             with torch.no_grad():  # which candidate each object is matched to, and how good each one is

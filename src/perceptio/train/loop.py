@@ -168,11 +168,10 @@ def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path
 def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy per sample (every target token), for the per-task losses of the log."""
     targets = labels[:, 1:]
-    losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    counts = (targets != IGNORE_INDEX).sum(1).clamp_min(1)
-    return losses.sum(1) / counts
+    supervised = targets != IGNORE_INDEX
+    losses = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)  # 0 where unsupervised
+    losses[supervised] = F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="none")
+    return losses.sum(1) / supervised.sum(1).clamp_min(1)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
