@@ -645,13 +645,14 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         # (from the cache when there is one)
         features = [self._frozen_image_features(sam_pixel_values[b : b + 1]) for b in rows]
         levels = [torch.cat(level, dim=1) for level in zip(*features, strict=True)]
+        sizes = [counts[b] for b in rows]
         image_of = torch.repeat_interleave(
-            torch.arange(len(rows), device=hidden.device), torch.tensor([counts[b] for b in rows], device=hidden.device)
+            torch.arange(len(rows), device=hidden.device), torch.tensor(sizes, device=hidden.device)
         )
         with_target = torch.zeros_like(seg[:, 0])
         with_target[rows] = True
         all_logits, all_iou = self._decode_objects(levels, image_of, hidden[seg & with_target[:, None]])
-        by_row = dict(zip(rows, zip(all_logits.split([counts[b] for b in rows]), all_iou.split([counts[b] for b in rows]), strict=True), strict=True))
+        by_row = dict(zip(rows, zip(all_logits.split(sizes), all_iou.split(sizes), strict=True), strict=True))
         weights = self.config.loss_weights
         per_sample: list[torch.Tensor | None] = []
         chosen, targets, predicted_iou, actual_iou = [], [], [], []
