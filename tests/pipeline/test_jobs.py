@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -55,3 +58,23 @@ def test_finished_jobs_are_not_redone_and_unfinished_work_counts_as_a_failure(tm
         run_jobs([done, silent], 2, echo=lines.append)
     assert lines[0] == "  done: finished earlier, reusing" and not (tmp_path / "done.log").exists()
     assert "  silent: FAILED (exit 0); the end of" in lines[2] and "exits 0, writes nothing" in lines[3]
+
+
+def test_a_job_ends_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    """A parent killed outright cannot stop its jobs; they notice and exit rather than go on writing into folders
+    that the parent's next run starts over."""
+    late, log = tmp_path / "late.txt", tmp_path / "sleeper.log"
+    work = f"import pathlib, time; time.sleep(2.5); pathlib.Path({str(late)!r}).write_text('late')"
+    script = (
+        "from functools import partial\nfrom pathlib import Path\nfrom perceptio.pipeline import Job, run_jobs\n"
+        f"run_jobs([Job('sleeper', partial(exec, {work!r}), Path({str(log)!r}), None)], 1)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "--- sleeper ---" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.is_file(), "the job never started"
+    parent.kill()
+    parent.wait()
+    time.sleep(4.0)
+    assert not late.exists()

@@ -1,7 +1,8 @@
 """Resumable stages, the stage functions the applications share, and parallel jobs (see docs/architecture.md).
 
-* :mod:`~perceptio.pipeline.runner`: :class:`Stage`, :func:`run_stages` (``stages.json``) and :func:`fresh_folder`
-  (a settings stamp beside a folder): work made with the same settings is kept, anything else is removed;
+* :mod:`~perceptio.pipeline.runner`: :class:`Stage`, :class:`Concurrent` (stages side by side), :func:`run_stages`
+  (``stages.json``) and :func:`fresh_folder` (a settings stamp beside a folder): work made with the same settings
+  is kept, anything else is removed;
 * :mod:`~perceptio.pipeline.stages`: render the world, train the depth tokenizer, pretrain SAM2, train Perceptio
   (and the fingerprint of the base it starts from), evaluate on a world;
 * :mod:`~perceptio.pipeline.jobs`: :func:`run_jobs`, several jobs at once, one process and one thread each;
@@ -9,7 +10,7 @@
 """
 
 from perceptio.pipeline.jobs import Job, JobsFailedError, run_jobs
-from perceptio.pipeline.runner import Stage, fresh_folder, run_stages, stage_records
+from perceptio.pipeline.runner import Concurrent, Stage, fresh_folder, run_stages, stage_records, without_resume
 from perceptio.pipeline.settings import check_limits
 from perceptio.pipeline.stages import (
     base_fingerprint,
@@ -25,6 +26,7 @@ from perceptio.pipeline.stages import (
 )
 
 __all__ = [
+    "Concurrent",
     "Job",
     "JobsFailedError",
     "Stage",
@@ -42,5 +44,6 @@ __all__ = [
     "train_perceptio",
     "train_stage",
     "world_eval_settings",
+    "without_resume",
     "world_stage",
 ]

@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class Job:
         call: the work; it is sent to a new process, so it must pickle (a module-level function, or a
             ``functools.partial`` of one with picklable arguments). Its return value is not used.
         log: the file its output (stdout and stderr, a traceback included) is appended to.
-        done: whether its work is finished (checked before, to skip it, and after, to confirm it).
+        done: whether its work is finished (checked before, to skip it, and after, to confirm it); None: the work
+            is not done before it runs, and is done when its process exits cleanly.
         progress: a short note of how far it is, shown every ``report_every`` seconds while it runs.
         outcome: a short note of what it found, shown on the line that says it is done (the job leaves its
             results on disk, so the parent reads them there).
@@ -61,7 +63,7 @@ class Job:
     name: str
     call: Callable[[], object]
     log: Path
-    done: Callable[[], bool]
+    done: Callable[[], bool] | None
     progress: Callable[[], str] = lambda: ""
     outcome: Callable[[], str] = lambda: ""
 
@@ -70,8 +72,23 @@ class JobsFailedError(UserError, RuntimeError):
     """Some jobs failed; each failure was reported with the end of its log."""
 
 
-def _work(call: Callable[[], object], log: Path, name: str) -> None:
-    """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too)."""
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Watch (in a daemon thread) that the process that started this one is alive; exit at once when it is gone.
+    A parent killed outright (SIGKILL, out of memory) cannot stop its jobs, and a job left running would go on
+    writing into folders that the parent's next run starts over."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _work(call: Callable[[], object], log: Path, name: str, parent: int) -> None:
+    """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too); it
+    ends with its parent."""
+    _exit_with_parent(parent)
     if "torch" in sys.modules:  # imported while unpickling ``call``: set its threads too, whatever it read
         import torch
 
@@ -96,17 +113,19 @@ def run_jobs(
     *,
     echo: Callable[[str], None] = print,
     report_every: float = 30.0,
+    bars: bool = False,
 ) -> None:
     """Run the unfinished ``jobs``, ``parallel`` at a time, each in a new process on one thread.
 
     Prints when each job is reused, starts, finishes (with its ``outcome``) or fails (a failure with the end of
     its log), and every ``report_every`` seconds the ``progress`` of those running. Logs are appended to, so an
-    interrupted job's log is kept. A failed job does not stop the others.
+    interrupted job's log is kept. A failed job does not stop the others. ``bars`` leaves the jobs' progress bars
+    on (into their logs), e.g. for a ``progress`` that shows a log's last line.
 
     Raises:
         JobsFailedError: after all jobs ended, when any failed (exited with an error, or did not finish its work).
     """
-    finished = {id(job) for job in jobs if job.done()}
+    finished = {id(job) for job in jobs if job.done is not None and job.done()}
     for job in jobs:
         if id(job) in finished:
             echo(f"  {job.name}: finished earlier, reusing")
@@ -121,8 +140,8 @@ def run_jobs(
                 job = pending.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 echo(f"  {job.name}: started (log {job.log})")
-                process = spawn.Process(target=_work, args=(job.call, job.log, job.name), name=job.name)
-                with _environment(ONE_THREAD):
+                process = spawn.Process(target=_work, args=(job.call, job.log, job.name, os.getpid()), name=job.name)
+                with _environment({k: v for k, v in ONE_THREAD.items() if not (bars and k == "TQDM_DISABLE")}):
                     process.start()
                 running.append((job, process))
             wait([process.sentinel for _, process in running], timeout=2.0)
@@ -132,7 +151,7 @@ def run_jobs(
                     continue
                 process.join()
                 running.remove(item)
-                if process.exitcode != 0 or not job.done():
+                if process.exitcode != 0 or (job.done is not None and not job.done()):
                     failed.append(job.name)
                     echo(f"  {job.name}: FAILED (exit {process.exitcode}); the end of {job.log}:")
                     echo("    " + "\n    ".join(_tail(job.log)))

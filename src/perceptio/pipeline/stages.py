@@ -10,10 +10,11 @@ job process of :mod:`perceptio.pipeline.jobs` does) stays cheap.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from perceptio.pipeline.runner import Stage
+from perceptio.pipeline.runner import Stage, without_resume
 
 if TYPE_CHECKING:
     from perceptio.eval.harness import EvalSettings
@@ -154,12 +155,10 @@ def world_eval_settings(
 
 def world_stage(folder: Path, *, num_images: int, seed: int, image_size: int, progress: bool = True) -> Stage:
     """The ``world`` stage: :func:`render_world` into ``folder``."""
-    return Stage(
-        "world",
-        (num_images, seed, image_size),
-        lambda resume: render_world(folder, num_images=num_images, seed=seed, image_size=image_size, progress=progress),
-        folder=folder,
+    run = without_resume(
+        render_world, folder, num_images=num_images, seed=seed, image_size=image_size, progress=progress
     )
+    return Stage("world", (num_images, seed, image_size), run, folder=folder)
 
 
 def tokenizer_stage(world: Path, folder: Path, *, steps: int, progress: bool = True) -> Stage:
@@ -167,7 +166,7 @@ def tokenizer_stage(world: Path, folder: Path, *, steps: int, progress: bool = T
     return Stage(
         "tokenizer",
         (steps,),
-        lambda resume: train_depth_tokenizer(world, folder, steps=steps, resume=resume, progress=progress),
+        partial(train_depth_tokenizer, world, folder, steps=steps, progress=progress),
         folder=folder,
         resumable=True,
     )
@@ -178,9 +177,7 @@ def sam2_stage(world: Path, folder: Path, *, steps: int, batch_size: int, progre
     return Stage(
         "segmenter",
         (steps, batch_size),
-        lambda resume: pretrain_sam2(
-            world, folder, steps=steps, batch_size=batch_size, resume=resume, progress=progress
-        ),
+        partial(pretrain_sam2, world, folder, steps=steps, batch_size=batch_size, progress=progress),
         folder=folder,
         resumable=True,
     )
@@ -194,7 +191,7 @@ def train_stage(recipe: TrainConfig, *extra_settings: Any, progress: bool = True
     return Stage(
         "train",
         (outcome_settings(recipe), *extra_settings),
-        lambda resume: train_perceptio(recipe, resume=resume, progress=progress),
+        partial(train_perceptio, recipe, progress=progress),
         folder=Path(recipe.run.out_dir),
         resumable=True,
     )
