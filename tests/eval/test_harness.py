@@ -89,6 +89,27 @@ def test_resume_after_a_partial_predictions_file(model_dir: Path, world_dir: Pat
     assert (partial / "predictions.jsonl").read_text().splitlines() == lines
 
 
+def test_shards_in_processes_of_their_own_then_a_resumed_run_equal_one_run(
+    model_dir: Path, world_dir: Path, tmp_path: Path
+) -> None:
+    """The quickstart's way of using both cores: blocks of samples predicted by separate shard runs (here one
+    after another), then a resumed run that merges and scores them, gives one run's predictions and metrics."""
+    args = {"split": "val", "limit": 10, "image_root": world_dir / "images"}
+    expected = run_eval(_settings("refcoco", model_dir, world_dir, tmp_path / "one", **args), progress=False)
+    out = tmp_path / "sharded"
+    settings = _settings("refcoco", model_dir, world_dir, out, resume=True, **args)
+    for k in range(3):
+        assert run_eval(settings, progress=False, shard=(k, 3)) == {}  # predicted, not scored
+    assert len(list(out.glob("predictions.rank*.jsonl"))) == 3 and not (out / "predictions.jsonl").exists()
+    assert run_eval(settings, progress=False) == expected
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert not list(out.glob("predictions.rank*.jsonl"))
+    with pytest.raises(ValueError, match="needs settings.resume"):
+        run_eval(replace(settings, resume=False), shard=(0, 2))
+    with pytest.raises(ValueError, match="0 <= k < n"):
+        run_eval(settings, shard=(2, 2))
+
+
 def test_resume_refuses_other_settings(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     data = world_dir / "hardblink" / "val"
     run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2), progress=False)

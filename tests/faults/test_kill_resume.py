@@ -123,7 +123,7 @@ def _stage_status(out: Path, stage: str) -> str | None:
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed: int, tmp_path: Path) -> None:
-    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, segmenter, tokenizer, baseline,
+    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, tokenizer, segmenter, baseline,
     training, evaluation; at a random moment of each), restarted after every kill: the finished run reports the
     uninterrupted run's metrics, and every stage ends done."""
     short = [
@@ -146,7 +146,7 @@ def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed
     out = tmp_path / "killed"
     command = _perceptio("quickstart", "--out", str(out), *short)
     killed = []
-    for k, stage in enumerate(("world", "segmenter", "tokenizer", "baseline", "train", "eval")):
+    for k, stage in enumerate(("world", "tokenizer", "segmenter", "baseline", "train", "eval")):
         if _kill_at_random(command, lambda stage=stage: _stage_status(out, stage) == "running", seed * 10 + k, 2.0):
             killed.append(stage)
     _run(command)

@@ -6,7 +6,8 @@ same for every task: it batches the prompts, decodes, and writes every sample's 
 soon as its batch is done; ``resume`` skips the samples already there, and the metrics are always recomputed from
 the lines, so a resumed evaluation reports exactly what an uninterrupted one does. Under torchrun each rank takes
 every ``world``-th sample and writes its own part; rank 0 merges them, so the sums behind cIoU are reduced over
-ranks, never averages of ratios.
+ranks, never averages of ratios. Without torchrun, ``shard=(k, n)`` writes the same part in a process of one's own
+(the quickstart evaluates on both cores so), and a later resumed run merges the parts and scores them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def run_eval(
     *,
     progress: bool = True,
     model: tuple[PerceptioForConditionalGeneration, PerceptioProcessor] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write ``predictions.jsonl`` and ``metrics.json`` into ``settings.out``; returns the metrics.
 
@@ -70,10 +72,22 @@ def run_eval(
         settings: what to evaluate.
         progress: show a progress bar (main process).
         model: an already loaded model and processor (default: load ``settings.model``).
+        shard: ``(k, n)``: predict only the ``k``-th of ``n`` blocks of consecutive samples, into
+            ``predictions.rank{k}.jsonl``, and return ``{}`` without scoring; the ``n`` shards may run at the same
+            time in processes of their own (their caller keeps other evaluations out of the folder: shards take no
+            lock), and a later run with ``resume`` merges the parts and scores them. Needs ``settings.resume``; not
+            under torchrun.
 
     Raises:
         RunFolderLockedError: another process evaluates (or trains) in ``settings.out``.
     """
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard (k, n) needs 0 <= k < n, got {shard}")
+        if not settings.resume:
+            raise ValueError("a shard adds to the predictions already there: it needs settings.resume")
+        return _run_eval(settings, progress=progress, model=model, shard=shard)
     with run_lock(settings.out, "evaluation"):  # under torchrun: rank 0 holds it for the job
         return _run_eval(settings, progress=progress, model=model)
 
@@ -83,9 +97,15 @@ def _run_eval(
     *,
     progress: bool,
     model: tuple[PerceptioForConditionalGeneration, PerceptioProcessor] | None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     ctx = setup_distributed(settings.device)
     rank, world = ctx.rank, ctx.world
+    if shard is not None:
+        if world > 1:
+            raise ValueError("shard is for processes started without torchrun; under torchrun the ranks shard")
+        rank, world = shard
+    synchronise = ctx.world > 1  # ranks of one torchrun job wait for each other; shards do not
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_task_samples(settings)
@@ -115,17 +135,24 @@ def _run_eval(
             for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
                 stale.unlink(missing_ok=True)
         settings_path.write_text(json.dumps(protocol, indent=2) + "\n")
-    if world > 1:
+    if synchronise:
         dist.barrier()  # stale files are gone before any rank reads or appends
     if settings.resume and part_path.is_file():  # drop a line cut short by a kill before appending
         part_path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(part_path)))
-    if world > 1:
+    if synchronise:
         dist.barrier()
-    done = {r["id"] for path in [final_path, *out.glob("predictions.rank*.jsonl")] for r in read_jsonl(path)}
-    mine = [s for k, s in enumerate(samples) if k % world == rank and s.sample_id not in done]
+    # a shard reads only its own part: the others' are being written at the same time, and hold other samples
+    parts = [part_path] if shard is not None else list(out.glob("predictions.rank*.jsonl"))
+    done = {r["id"] for path in [final_path, *parts] for r in read_jsonl(path)}
+    if shard is None:
+        mine = [s for k, s in enumerate(samples) if k % world == rank and s.sample_id not in done]
+    else:  # a block of consecutive samples: they often share an image, which SAM2 then encodes once
+        block = samples[rank * len(samples) // world : (rank + 1) * len(samples) // world]
+        mine = [s for s in block if s.sample_id not in done]
     task = get_task(settings.task)
     context = task.prepare(loaded, mine) if mine else None
-    bar = tqdm(total=len(mine), desc=f"eval {settings.task}", disable=not (progress and rank == 0))
+    shown = progress and (rank == 0 or shard is not None)  # a shard's bar goes to its own log
+    bar = tqdm(total=len(mine), desc=f"eval {settings.task}", disable=not shown)
     # consecutive samples often share an image (several expressions each): SAM2 encodes it once (the same masks)
     with part_path.open("a") as handle, loaded.frozen_features_cached(FEATURE_CACHE_BYTES):
         for start in range(0, len(mine), settings.batch_size):
@@ -156,9 +183,9 @@ def _run_eval(
             handle.flush()
             bar.update(len(chunk))
     bar.close()
-    if world > 1:
+    if synchronise:
         dist.barrier()
-    return _finish(settings, samples, out) if rank == 0 else {}
+    return _finish(settings, samples, out) if rank == 0 and shard is None else {}
 
 
 class IncompleteEvaluationError(UserError, RuntimeError):

@@ -9,7 +9,7 @@
 * :mod:`~perceptio.pipeline.settings`: :func:`check_limits`, the limits of a settings dataclass.
 """
 
-from perceptio.pipeline.jobs import Job, JobsFailedError, run_jobs
+from perceptio.pipeline.jobs import Job, JobsFailedError, last_line, run_jobs
 from perceptio.pipeline.runner import Concurrent, Stage, fresh_folder, run_stages, stage_records, without_resume
 from perceptio.pipeline.settings import check_limits
 from perceptio.pipeline.stages import (
@@ -33,6 +33,7 @@ __all__ = [
     "base_fingerprint",
     "check_limits",
     "fresh_folder",
+    "last_line",
     "pretrain_sam2",
     "render_world",
     "run_jobs",

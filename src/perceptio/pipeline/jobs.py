@@ -22,7 +22,7 @@ from pathlib import Path
 
 from perceptio.errors import UserError
 
-__all__ = ["Job", "JobsFailedError", "run_jobs"]
+__all__ = ["Job", "JobsFailedError", "last_line", "run_jobs"]
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 """The environment of each job's process (set before it starts, so that libraries read it when the job's modules
@@ -105,6 +105,13 @@ def _tail(path: Path, lines: int = 15) -> list[str]:
     """The last non-empty lines of a log (progress-bar carriage returns split into lines)."""
     text = path.read_text(errors="replace").replace("\r", "\n") if path.is_file() else ""
     return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def last_line(log: Path) -> str:
+    """The last line of a job's log, shortened: with ``run_jobs(..., bars=True)``, its progress bar's latest state
+    (a ``Job.progress``)."""
+    lines = _tail(log, 1)
+    return lines[-1].strip()[-90:] if lines else "starting"
 
 
 def run_jobs(

@@ -189,7 +189,7 @@ def _run_concurrent(
     group: Concurrent, plans: list[tuple[Stage, str, str]], records: _Records, echo: Callable[[str], None]
 ) -> None:
     """Run the unfinished stages of ``group`` in processes of their own (see :class:`Concurrent`)."""
-    from perceptio.pipeline.jobs import Job, run_jobs
+    from perceptio.pipeline.jobs import Job, last_line, run_jobs
 
     for stage, _, _ in plans:
         try:
@@ -218,7 +218,7 @@ def _run_concurrent(
         log = logs / f"{stage.name}.log"
         finish = partial(_finish_record, records, stage.name, digest, began)
         jobs.append(
-            Job(label, partial(stage.run, resume=resume), log, None, progress=partial(_last_line, log), outcome=finish)
+            Job(label, partial(stage.run, resume=resume), log, None, progress=partial(last_line, log), outcome=finish)
         )
 
     def note(line: str) -> None:  # a stage's time counts from its process's start, not from the group's
@@ -235,14 +235,6 @@ def _finish_record(records: _Records, name: str, digest: str, began: dict[str, f
     seconds = time.perf_counter() - began[name]
     records.finish(name, digest, seconds)
     return f"in {seconds:.0f} s"
-
-
-def _last_line(log: Path) -> str:
-    """The last line of a log (a progress bar's latest state), shortened."""
-    from perceptio.pipeline.jobs import _tail
-
-    lines = _tail(log, 1)
-    return lines[-1].strip()[-90:] if lines else "starting"
 
 
 def fresh_folder(folder: Path | str, settings: Any) -> bool:
