@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from perceptio.pipeline.jobs import Job, last_line, run_jobs
 from perceptio.utils.run_folder import settings_digest
 
 __all__ = ["Concurrent", "Stage", "fresh_folder", "run_stages", "stage_records", "without_resume"]
@@ -189,8 +190,6 @@ def _run_concurrent(
     group: Concurrent, plans: list[tuple[Stage, str, str]], records: _Records, echo: Callable[[str], None]
 ) -> None:
     """Run the unfinished stages of ``group`` in processes of their own (see :class:`Concurrent`)."""
-    from perceptio.pipeline.jobs import Job, last_line, run_jobs
-
     for stage, _, _ in plans:
         try:
             pickle.dumps(stage.run)
