@@ -217,7 +217,14 @@ def _run_concurrent(
         log = logs / f"{stage.name}.log"
         finish = partial(_finish_record, records, stage.name, digest, began)
         jobs.append(
-            Job(label, partial(stage.run, resume=resume), log, None, progress=partial(last_line, log), outcome=finish)
+            Job(
+                label,
+                partial(stage.run, resume=resume),
+                log,
+                None,
+                progress=partial(_progress, log, stage.name),
+                outcome=finish,
+            )
         )
 
     def note(line: str) -> None:  # a stage's time counts from its process's start, not from the group's
@@ -227,6 +234,13 @@ def _run_concurrent(
         echo(line)
 
     run_jobs(jobs, group.parallel or os.cpu_count() or 1, echo=note, bars=True)
+
+
+def _progress(log: Path, name: str) -> str:
+    """A group stage's latest progress line, without the stage's name when its progress bar starts with it (the
+    line is shown after the stage's label)."""
+    line = last_line(log)
+    return line[len(name) + 1 :].lstrip() if line.startswith(f"{name}:") else line
 
 
 def _finish_record(records: _Records, name: str, digest: str, began: dict[str, float]) -> str:
