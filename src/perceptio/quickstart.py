@@ -717,5 +717,6 @@ def _report_text(
         ]
     lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {record['seconds']} |" for name, record in timings.items() if "seconds" in record]
+    lines += ["", "The segmenter and baseline stages run side by side (one core each): their times overlap."]
     lines += ["", f"Predictions and metrics per task: `{paths['eval']}`; the model: `{paths['train'] / 'model'}`.", ""]
     return "\n".join(lines)
