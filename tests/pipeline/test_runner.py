@@ -239,3 +239,15 @@ def test_a_group_stage_that_cannot_go_to_a_process_is_refused_before_anything_ru
     with pytest.raises(TypeError, match="stage 'tokenizer' runs in a process of its own .* not a lambda"):
         run_stages([world, Concurrent((tokenizer,)), train], tmp_path / "stages.json", echo=lambda _: None)
     assert stages.calls == [("world", False)]
+
+
+def test_a_malformed_group_or_pipeline_is_refused_with_what_is_wrong(tmp_path: Path) -> None:
+    stages = Recorder(tmp_path)
+    world, tokenizer, train = stages.stages(SETTINGS)
+    with pytest.raises(ValueError, match="needs at least one stage"):
+        Concurrent(())
+    with pytest.raises(ValueError, match="parallel must be at least 1, got 0"):
+        Concurrent((tokenizer,), parallel=0)
+    with pytest.raises(ValueError, match="stage names must be unique"):
+        run_stages([world, tokenizer, Concurrent((tokenizer,))], tmp_path / "stages.json", echo=lambda _: None)
+    assert stages.calls == []
