@@ -78,3 +78,15 @@ def test_a_job_ends_when_the_process_that_started_it_is_killed(tmp_path: Path) -
     parent.wait()
     time.sleep(4.0)
     assert not late.exists()
+
+
+def test_last_line_shows_the_end_of_a_progress_bar_without_its_name(tmp_path: Path) -> None:
+    from perceptio.pipeline import last_line
+
+    log = tmp_path / "train.log"
+    assert last_line(log) == "starting"
+    bar = "train:  35%|███▌      | 518/1500 [01:35<02:51,  5.73it/s, loss=2.391, lr=8.0e-04, samples=94.2]"
+    log.write_text("--- header ---\n" + "train:   0%|  | 0/1500\r" + bar + "\n")
+    assert last_line(log, drop="train:") == bar[len("train:") :].strip()[-90:]
+    assert last_line(log, drop="train:").startswith("35%")  # the name goes before the line is shortened
+    assert last_line(log) == bar[-90:] and last_line(log, drop="eval:") == bar[-90:]

@@ -107,11 +107,15 @@ def _tail(path: Path, lines: int = 15) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
-def last_line(log: Path) -> str:
-    """The last line of a job's log, shortened: with ``run_jobs(..., bars=True)``, its progress bar's latest state
-    (a ``Job.progress``)."""
+def last_line(log: Path, *, drop: str = "") -> str:
+    """The last line of a job's log, shortened to its last 90 characters: with ``run_jobs(..., bars=True)``, its
+    progress bar's latest state (a ``Job.progress``). ``drop``: a prefix left out first when the line starts with
+    it (e.g. the bar's name, when the line is shown after it)."""
     lines = _tail(log, 1)
-    return lines[-1].strip()[-90:] if lines else "starting"
+    if not lines:
+        return "starting"
+    line = lines[-1].strip()
+    return (line[len(drop) :].lstrip() if drop and line.startswith(drop) else line)[-90:]
 
 
 def run_jobs(

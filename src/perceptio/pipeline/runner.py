@@ -239,8 +239,7 @@ def _run_concurrent(
 def _progress(log: Path, name: str) -> str:
     """A group stage's latest progress line, without the stage's name when its progress bar starts with it (the
     line is shown after the stage's label)."""
-    line = last_line(log)
-    return line[len(name) + 1 :].lstrip() if line.startswith(f"{name}:") else line
+    return last_line(log, drop=f"{name}:")
 
 
 def _finish_record(records: _Records, name: str, digest: str, began: dict[str, float]) -> str:
