@@ -59,3 +59,9 @@ def test_a_new_benchmark_is_one_registered_class(world_dir: Path, tmp_path: Path
     assert metrics["task"] == "answer_length_test" and metrics["count"] == 3 and 0 <= metrics["answered"] <= 3
     lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [set(line["score"]) for line in lines] == [{"chars"}] * 3
+
+
+def test_first_mask_is_refused_for_a_task_that_scores_no_masks(tmp_path: Path) -> None:
+    EvalSettings(task="refcoco", model=tmp_path, data=tmp_path, out=tmp_path, first_mask=True)
+    with pytest.raises(ValueError, match="first_mask is for the refcoco task .* not 'vqa'"):
+        EvalSettings(task="vqa", model=tmp_path, data=tmp_path, out=tmp_path, first_mask=True)

@@ -157,6 +157,48 @@ def test_predict_uses_the_loop_and_its_options_change_nothing(shipped: Perceptio
         assert len(a.masks) == len(b.masks) and all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks, strict=True))
 
 
+def test_stopping_at_the_segmentation_token_keeps_the_tokens_and_hidden_state_before_it(shipped: Perceptio) -> None:
+    """``stop_at_seg``: a sequence ends after its first [SEG] (fed once for its hidden state) with the full answer's
+    tokens up to it and the same hidden state; a sequence that writes none is decoded whole, as without it."""
+    from perceptio.data.synthetic.world import WorldConfig, render_world_scene
+
+    model, processor = shipped.model, shipped.processor
+    images = [Image.fromarray(render_world_scene(4, k, WorldConfig()).rendering.rgb) for k in range(4)]
+    prompts = [
+        "Please segment the red cube in this image.",
+        "What is the depth map for the image?",
+        "Please segment the object closest to the camera in this image.",
+        "hi",
+    ]
+    batch = processor(images, prompts)
+    ids = model.config.resolved_token_ids
+    grammar = SpanGrammar(ids, model.config.vocab.span_length, model.vlm.lm_head.out_features)
+    inputs = (model.vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], grammar)
+    ends = {"end_id": processor.turn_end_id, "pad_id": processor.text_tokenizer.pad_token_id, "seg_id": ids.seg}
+    whole = greedy_decode(*inputs, max_new_tokens=100, jacobi=16, **ends)
+    first = greedy_decode(*inputs, max_new_tokens=100, jacobi=16, stop_at_seg=True, **ends)
+    with_seg = [b for b in range(4) if ids.seg in whole.tokens[b, : whole.lengths[b]].tolist()]
+    assert with_seg == [0, 2]  # the segmentation prompts; the others write no [SEG]
+    for b in range(4):
+        if b in with_seg:
+            end = whole.tokens[b].tolist().index(ids.seg) + 1
+            assert first.lengths[b] == end and torch.equal(first.tokens[b, :end], whole.tokens[b, :end])
+            assert bool((first.tokens[b, end:] == ends["pad_id"]).all())
+            assert first.seg_hidden[b].shape[0] == 1
+            torch.testing.assert_close(first.seg_hidden[b][0], whole.seg_hidden[b][0], rtol=1e-4, atol=1e-5)
+        else:
+            assert first.lengths[b] == whole.lengths[b] and torch.equal(first.tokens[b], whole.tokens[b])
+    alone = greedy_decode(*[x[[0, 2]] if torch.is_tensor(x) else x for x in inputs], max_new_tokens=100,
+                          jacobi=16, stop_at_seg=True, **ends)  # fmt: skip
+    assert alone.forwards == 1 < whole.forwards  # both end at their first token: one feed, for the hidden states
+
+    full = shipped.predict(images[:1] * 2, prompts[:1] + prompts[2:3])
+    short = shipped.predict(images[:1] * 2, prompts[:1] + prompts[2:3], first_mask=True)
+    for a, b in zip(full, short, strict=True):
+        assert b.text == "[SEG]" and b.depth is None and a.text.startswith("[SEG]") and len(a.masks) == 1
+        assert len(b.masks) == 1 and np.array_equal(a.masks[0], b.masks[0])
+
+
 def test_a_changed_token_is_a_divergence_at_a_clear_gap_not_a_tie() -> None:
     model, processor = _random_model(2)
     with torch.no_grad():

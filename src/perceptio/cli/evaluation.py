@@ -128,6 +128,14 @@ def evaluate(
     ] = None,
     span_window: SpanWindow = 16,
     compile: Compile = False,
+    first_mask: Annotated[
+        bool,
+        typer.Option(
+            "--first-mask/--all-masks",
+            help="refcoco: score each answer's first segmentation-token mask alone and stop the answer there "
+            "(several times faster; the same mask), or write whole answers and OR all their masks.",
+        ),
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), metrics.json and a summary table. Under
@@ -154,6 +162,7 @@ def evaluate(
             constrain=constrain,
             span_window=span_window,
             compile=compile,
+            first_mask=first_mask,
             device=device,
         )
         metrics = run_eval(settings)

@@ -169,6 +169,7 @@ def _run_eval(
                 batch_size=settings.batch_size,
                 span_window=settings.span_window,
                 compile=settings.compile,
+                first_mask=settings.first_mask,
             )
             for sample, prompt, prediction in zip(chunk, prompts, predictions, strict=True):
                 line = {

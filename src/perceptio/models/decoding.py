@@ -39,7 +39,8 @@ class Decoded:
 
     Attributes:
         tokens: (B, T) generated ids; after a sequence's end-of-turn token, the pad id.
-        lengths: per sequence, the number of generated ids before its end-of-turn token (T when it has none).
+        lengths: per sequence, the number of generated ids before its end-of-turn token (T when it has none);
+            with ``stop_at_seg``, up to and including its first segmentation token when it wrote one.
         seg_hidden: per sequence, (n, H) last hidden states at its generated segmentation tokens (the input
             position of each segmentation token, as in training), in order; None for the reference decoder.
         forwards: language-model forwards after the prefill.
@@ -102,6 +103,7 @@ def greedy_decode(
     seg_id: int,
     compile: bool = False,
     jacobi: int = 1,
+    stop_at_seg: bool = False,
 ) -> Decoded:
     """Decode greedily under ``grammar`` until every sequence ends its turn or ``max_new_tokens`` are written.
 
@@ -114,6 +116,8 @@ def greedy_decode(
         end_id: the end-of-turn id; pad_id: what follows it; seg_id: the segmentation token.
         compile: ``torch.compile`` the step.
         jacobi: W > 1 decodes the depth span W tokens per forward (exact; 1: off).
+        stop_at_seg: a sequence also ends after its first segmentation token (fed once, for its hidden state):
+            what comes before it, and so its hidden state, are those of the full answer, which is not written.
 
     Parallel span decoding: while a sequence is inside its span, the forward is fed its next token and W - 1
     guesses of the tokens after it (at first the token repeated, then what the previous forward predicted after
@@ -152,25 +156,29 @@ def greedy_decode(
     hidden_of_fed: torch.Tensor | None = None  # (B, T, H) last hidden state with generated token t as input
     count = torch.zeros(batch, dtype=torch.long, device=device)  # tokens written per sequence
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # wrote its segmentation token (stop_at_seg)
     state = grammar.initial(batch)
     guesses: torch.Tensor | None = None
     forwards = 0
 
     def write(chosen: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Append ``chosen`` to the sequences ``where`` is true (pad elsewhere, which changes no state)."""
-        nonlocal state, count, ended
+        nonlocal state, count, ended, stopped
         chosen = torch.where(where, chosen, pad_id)
         tokens.scatter_(1, count[:, None], chosen[:, None])  # a done sequence writes pad after its end
         state = grammar.advance(state, chosen)
         ended = ended | (where & (chosen == end_id))
+        if stop_at_seg:
+            stopped = stopped | (where & (chosen == seg_id))
         count = count + where.long()
         return chosen
 
     chosen = write((logits + grammar.bias(state, first=True)).argmax(-1), torch.ones_like(ended))
     while True:
-        active = ~ended & (count < max_new_tokens)  # sequences that will write more tokens
-        # a segmentation token written last, at the budget, still needs one feed for its hidden state
-        fed = active | (~ended & (count == max_new_tokens) & (chosen == seg_id))
+        active = ~ended & ~stopped & (count < max_new_tokens)  # sequences that will write more tokens
+        # a segmentation token written last (at the budget, or where decoding stops at it) still needs one feed
+        # for its hidden state
+        fed = active | (~ended & (stopped | (count == max_new_tokens)) & (chosen == seg_id))
         if not bool(fed.any()):
             break
         width, limit = 1, None
@@ -197,7 +205,8 @@ def greedy_decode(
         forwards += 1
         if hidden_of_fed is None:
             hidden_of_fed = hidden.new_zeros(batch, max_new_tokens + window, hidden.shape[-1])
-        hidden_of_fed[rows, count - 1] = hidden[:, 0]  # for a sequence not fed: a token that is no segmentation token
+        last = count - 1  # the slot of each sequence's newest token; a sequence not fed keeps what it holds
+        hidden_of_fed[rows, last] = torch.where(fed[:, None], hidden[:, 0], hidden_of_fed[rows, last])
 
         if width == 1:
             logits = step_logits[:, 0]
@@ -232,13 +241,15 @@ def greedy_decode(
             # Jacobi: what was predicted after the first rejected guess on is the next set of guesses
             take = (accepted[:, None] + offsets[None]).clamp(max=width - 2)
             guesses = predicted.gather(1, take)
-        active = ~ended & (count < max_new_tokens)
+        active = ~ended & ~stopped & (count < max_new_tokens)
         chosen = write((logits + grammar.bias(state)).argmax(-1), active)
 
     tokens = tokens[:, :max_new_tokens]
     lengths, seg_hidden = [], []
     for b, row in enumerate(tokens.tolist()):
         length = row.index(end_id) if end_id in row else len(row)
+        if stopped[b]:
+            length = row.index(seg_id) + 1
         lengths.append(length)
         where = [t for t in range(length) if row[t] == seg_id]
         seg_hidden.append(hidden_of_fed[b, where] if where and hidden_of_fed is not None else torch.zeros(0))

@@ -699,6 +699,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         batch_size: int = 8,
         span_window: int = 16,
         compile: bool = False,
+        first_mask: bool = False,
     ) -> list[Prediction]:
         """Answer ``prompts`` about ``images`` greedily, then decode masks and depth.
 
@@ -718,6 +719,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 1 decodes one token per forward, exactly as ``generate`` does.
             compile: ``torch.compile`` the decoding step (worth it for long evaluations: compiling takes tens of
                 seconds, once per batch size).
+            first_mask: end each answer at its first segmentation token, for referring segmentation when only
+                that mask is scored: the tokens before it, its hidden state and so its mask are the full answer's,
+                and the depth span and text after it are not written (an answer without one is written whole).
 
         Decoding is :func:`perceptio.models.decoding.greedy_decode`: the same tokens as transformers'
         ``generate(do_sample=False)`` under the span grammar, with a static KV cache, and the hidden states at the
@@ -738,7 +742,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = slice(start, start + batch_size)
-                args = (processor, budget, constrain, spatial_cot, require_depth_span, span_window, compile)
+                args = (processor, budget, constrain, spatial_cot, require_depth_span, span_window, compile, first_mask)
                 out += self._predict_batch(list(images[chunk]), list(prompts[chunk]), *args)
         finally:
             self.train(was_training)  # predict() in the middle of training leaves the mode as it found it
@@ -755,6 +759,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         require_span: bool,
         span_window: int,
         compile: bool,
+        first_mask: bool,
     ) -> list[Prediction]:
         ids = self.config.resolved_token_ids
         span_length = self.config.vocab.span_length
@@ -783,6 +788,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             seg_id=ids.seg,
             compile=compile,
             jacobi=span_window,
+            stop_at_seg=first_mask,
         )
         generation_seconds = time.perf_counter() - began
         began = time.perf_counter()

@@ -122,9 +122,11 @@ def world_eval_settings(
     limit: int | None,
     batch_size: int,
     constrain: bool,
+    first_mask: bool = False,
 ) -> EvalSettings:
     """The evaluation of ``model`` on ``task`` (refcoco, hardblink, depth or vqa) of a synthetic world's ``split``,
-    resumable, into ``out``; run it with :func:`perceptio.eval.harness.run_eval`."""
+    resumable, into ``out``; run it with :func:`perceptio.eval.harness.run_eval` (``first_mask``: see
+    :class:`~perceptio.eval.settings.EvalSettings`)."""
     from perceptio.eval.harness import EvalSettings
 
     data = {
@@ -146,6 +148,7 @@ def world_eval_settings(
         batch_size=batch_size,
         resume=True,
         constrain=constrain,
+        first_mask=first_mask,
     )
 
 

@@ -15,12 +15,13 @@ from perceptio.eval.tasks.base import EvalTask, register
 
 @register
 class RefCOCO(EvalTask):
-    """cIoU (intersection and union summed over the split) and gIoU; several predicted masks are OR-ed, no
-    segmentation token is an empty mask, and masks are compared at the original image size."""
+    """cIoU (intersection and union summed over the split) and gIoU; several predicted masks are OR-ed (or, with
+    ``first_mask``, the first alone), no segmentation token is an empty mask, and masks are compared at the
+    original image size."""
 
     name = "refcoco"
     data_help = "the refer root (refcoco/refs(unc).p, instances.json); --dataset refcoco, refcoco+ or refcocog"
-    options = ("dataset",)
+    options = ("dataset", "first_mask")
 
     def load(self, settings) -> list[Sample]:  # noqa: ANN001
         data = Path(settings.data)
