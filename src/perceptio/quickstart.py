@@ -3,9 +3,12 @@
 Stages, each written under ``out`` and reused by a second run once finished:
 
 1. ``world/``: render the synthetic world (train/val/test);
-2. ``tokenizer/``: train the tiny depth tokenizer on the train split's exact depth;
-3. ``segmenter/``: pretrain the tiny SAM2 with point and box prompts on the train split's object masks (its image
-   encoder is then frozen inside Perceptio, as in the paper);
+2. ``tokenizer/`` and ``segmenter/``, only when training from random weights (``--from-scratch``): train the tiny
+   depth tokenizer on the train split's exact depth, and pretrain the tiny SAM2 with point and box prompts on its
+   object masks. The default base (``tiny-base``) brings both, pretrained on another world, as the paper's model
+   starts from a pretrained SAM2 and depth tokenizer;
+3. ``baseline/``: the FiLM CNN trained on the world's VQA alone (the report's "how hard is the data" row), beside
+   training (or beside SAM2 from random weights): one core each;
 4. ``train/``: train the tiny Perceptio model with the recipe (``configs/tiny_synth.yaml``), resumable;
 5. ``eval/``: evaluate on the val split with *unconstrained* decoding: referring segmentation (cIoU, gIoU, and
    the same SAM2 prompted with a true point inside each object), relative depth with 2-5 markers (against the
@@ -54,6 +57,7 @@ from perceptio.pipeline import (
 __all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
 
 STAGES = ("world", "tokenizer", "segmenter", "baseline", "train", "eval", "predictions", "report")
+"""Every stage, in order. ``tokenizer`` and ``segmenter`` run only without a base (:func:`quickstart_stages`)."""
 EVAL_TASKS = ("refcoco", "hardblink", "depth", "vqa")
 SPAN_TASKS = ("hardblink", "depth")
 """Tasks whose answers follow a depth span: evaluated a second time with unconstrained decoding."""
@@ -77,8 +81,13 @@ class QuickstartConfig:
     num_images: int = field(default=4000, metadata={"help": "Images in the synthetic world.", "min": 10})
     world_seed: int = field(default=0, metadata={"help": "Seed of the synthetic world."})
     image_size: int = field(default=128, metadata={"help": "Side of the world's square images, in pixels."})
-    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
-    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    tokenizer_steps: int = field(
+        default=1500,
+        metadata={"help": "Depth-tokenizer training steps (without a base; a base brings its own).", "min": 1},
+    )
+    segmenter_steps: int = field(
+        default=1500, metadata={"help": "SAM2 pretraining steps (without a base; a base brings its own).", "min": 1}
+    )
     segmenter_batch_size: int = field(default=32, metadata={"help": "SAM2 pretraining batch size.", "min": 1})
     eval_limit: int | None = field(
         default=None, metadata={"help": "Evaluate only the first N samples of each task.", "min": 1}
@@ -208,6 +217,12 @@ def run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None] = pr
         return _run_quickstart(config, echo=echo, until=until)
 
 
+def quickstart_stages(config: QuickstartConfig) -> tuple[str, ...]:
+    """The stages ``config`` runs, in order: a base brings its own depth tokenizer and SAM2, so only a run from
+    random weights (``base`` None) trains them on the world first."""
+    return STAGES if config.base is None else tuple(s for s in STAGES if s not in ("tokenizer", "segmenter"))
+
+
 def _paths(out: Path) -> dict[str, Path]:
     return {name: out / name for name in STAGES[:-1]}
 
@@ -218,6 +233,36 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
     paths = _paths(out)
     world = paths["world"]
     recipe = _recipe(config, paths)
+    baseline = Stage(
+        "baseline",
+        (config.baseline_steps, asdict(_baseline_config(config))),
+        without_resume(_baseline, config, paths),
+        folder=paths["baseline"],
+    )
+    train = train_stage(recipe, base_fingerprint(config.base), progress=config.progress)
+    if config.base is None:  # no pretrained parts: the depth tokenizer and SAM2 are trained on the world first
+        # the tokenizer trains 1.2x faster on two threads than on one: it runs first, on both cores; SAM2 (no faster
+        # on two threads) and the baseline then run side by side, one core each
+        upstream: list[Stage | Concurrent] = [
+            tokenizer_stage(world, paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
+            Concurrent(
+                (
+                    sam2_stage(
+                        world,
+                        paths["segmenter"],
+                        steps=config.segmenter_steps,
+                        batch_size=config.segmenter_batch_size,
+                        progress=config.progress,
+                    ),
+                    baseline,
+                )
+            ),
+            train,
+        ]
+    else:  # the base brings its SAM2 and depth tokenizer, as the paper's model starts from pretrained ones.
+        # Training runs on one thread (its data worker takes a little of the other core): the baseline fills the
+        # other core
+        upstream = [Concurrent((baseline, train))]
     stages = [
         world_stage(
             world,
@@ -226,30 +271,10 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
             image_size=config.image_size,
             progress=config.progress,
         ),
-        # the tokenizer trains 1.2x faster on two threads than on one: it runs first, on both cores; SAM2 (no faster
-        # on two threads) and the baseline then run side by side, one core each
-        tokenizer_stage(world, paths["tokenizer"], steps=config.tokenizer_steps, progress=config.progress),
-        Concurrent(
-            (
-                sam2_stage(
-                    world,
-                    paths["segmenter"],
-                    steps=config.segmenter_steps,
-                    batch_size=config.segmenter_batch_size,
-                    progress=config.progress,
-                ),
-                Stage(
-                    "baseline",
-                    (config.baseline_steps, asdict(_baseline_config(config))),
-                    without_resume(_baseline, config, paths),
-                    folder=paths["baseline"],
-                ),
-            )
-        ),
-        train_stage(recipe, base_fingerprint(config.base), progress=config.progress),
+        *upstream,
         Stage(
             "eval",
-            (config.eval_limit, EVAL_TASKS, SPAN_TASKS),
+            (config.eval_limit, EVAL_TASKS, SPAN_TASKS, "refcoco: first mask"),
             lambda resume: _evaluate(config, paths, echo),  # the harness keeps finished predictions when it resumes
             folder=paths["eval"],
             resumable=True,
@@ -343,14 +368,12 @@ def _recipe(config: QuickstartConfig, paths: dict[str, Path]):  # noqa: ANN202 -
     from perceptio.config import load_config
     from perceptio.train.config import TrainConfig
 
-    pointed = [
-        f"data.root={paths['world']}",
-        f"model.depth_tokenizer={paths['tokenizer']}",
-        f"model.segmenter_weights={paths['segmenter']}",
-        f"run.out_dir={paths['train']}",
-    ]
-    if config.base is not None:  # fine-tune from the pretrained base, as the paper fine-tunes from InternVL
-        pointed += ["model.preset=null", f"model.init={config.base}"]
+    pointed = [f"data.root={paths['world']}", f"run.out_dir={paths['train']}"]
+    if config.base is None:  # random weights: the depth tokenizer and SAM2 the quickstart trained first
+        pointed += [f"model.depth_tokenizer={paths['tokenizer']}", f"model.segmenter_weights={paths['segmenter']}"]
+    else:  # fine-tune from the pretrained base (with its SAM2 and depth tokenizer), as the paper from InternVL
+        pointed += ["model.preset=null", f"model.init={config.base}", "model.depth_tokenizer=null"]
+        pointed += ["model.segmenter_weights=null"]
     return load_config(TrainConfig, config.recipe, pointed + list(config.overrides))
 
 
@@ -368,6 +391,7 @@ def _eval_settings(  # noqa: ANN202 - EvalSettings
         limit=config.eval_limit,
         batch_size=config.eval_batch_size,
         constrain=constrain,
+        first_mask=task == "refcoco",  # the answers open with their segmentation token: no need to write the rest
     )
 
 
@@ -438,12 +462,19 @@ def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[
     majority answer per point count, the VQA answer prior per category (share of its most common answer), and the
     mean training depth map."""
     from perceptio.eval.extract import normalize_answer
+    from perceptio.models.build import load_model
     from perceptio.models.sam2 import load_sam2
     from perceptio.tokenizers.depth.evaluate import depth_metrics
+    from perceptio.tokenizers.depth.pipeline import collect_teacher_maps, mean_depth_map
     from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
     from perceptio.train.segmenter import load_objects, point_prompt_ciou
 
-    sam = load_sam2(paths["segmenter"])
+    if config.base is None:
+        sam, mean_map = load_sam2(paths["segmenter"]), np.load(paths["tokenizer"] / "mean_map.npy")
+    else:  # the base's SAM2 as it was before training, and the mean depth map of this world's train split
+        pretrained, _ = load_model(config.base, device="cpu")
+        sam, side = pretrained.segmenter, pretrained.config.depth_tokenizer.input_size
+        mean_map = mean_depth_map(collect_teacher_maps(paths["world"], split="train", size=side, progress=False))
     size = sam.config.prompt_encoder_config.image_size
     point = point_prompt_ciou(sam, load_objects(samples["refcoco"], size, distinct=False))
 
@@ -457,7 +488,6 @@ def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[
         by_category.setdefault(category, Counter())[normalize_answer(sample.answer)] += 1
     vqa_prior = {name: max(c.values()) / sum(c.values()) for name, c in sorted(by_category.items())}
 
-    mean_map = np.load(paths["tokenizer"] / "mean_map.npy")
     maps, _ = teacher_maps(samples["depth"], GroundTruthTeacher(), size=mean_map.shape[0], progress=False)
     scores = [depth_metrics(mean_map, m.depth) for m in maps]
     return {
@@ -640,7 +670,11 @@ def _report_text(
         "flat, never skipped.",
         "",
         "Started from: "
-        + (f"the pretrained tiny base `{config.base}`." if config.base else "random weights (--from-scratch)."),
+        + (
+            f"the pretrained tiny base `{config.base}`, with its SAM2 and depth tokenizer."
+            if config.base
+            else "random weights (--from-scratch); the depth tokenizer and SAM2 were trained on the world first."
+        ),
         "",
         "## Targets",
         "",
@@ -685,7 +719,9 @@ def _report_text(
         f"| depth, unconstrained decoding | AbsRel | {_fmt(loose.get('abs_rel'))} | "
         f"{_fmt(loose.get('abs_rel_decoded'))} over its {_fmt(loose.get('decoded_rate'), True)} well-formed spans |",
         "",
-        "Depth metrics are computed on normalised inverse depth (1 = nearest) at the tokenizer's resolution.",
+        "Depth metrics are computed on normalised inverse depth (1 = nearest) at the tokenizer's resolution. "
+        "Referring segmentation scores the mask of each answer's first segmentation token, and decoding stops there "
+        "(`perceptio eval refcoco --first-mask`): the tokens before it, and so the mask, are the whole answer's.",
         "",
         "## Image use",
         "",
@@ -717,6 +753,7 @@ def _report_text(
         ]
     lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {record['seconds']} |" for name, record in timings.items() if "seconds" in record]
-    lines += ["", "The segmenter and baseline stages run side by side (one core each): their times overlap."]
+    beside = "segmenter" if config.base is None else "train"
+    lines += ["", f"The {beside} and baseline stages run side by side (one core each): their times overlap."]
     lines += ["", f"Predictions and metrics per task: `{paths['eval']}`; the model: `{paths['train'] / 'model'}`.", ""]
     return "\n".join(lines)

@@ -121,12 +121,16 @@ def _stage_status(out: Path, stage: str) -> str | None:
         return None
 
 
-@pytest.mark.parametrize("seed", SEEDS[:2])
-def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed: int, tmp_path: Path) -> None:
-    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, tokenizer, segmenter, baseline,
-    training, evaluation; at a random moment of each), restarted after every kill: the finished run reports the
-    uninterrupted run's metrics, and every stage ends done."""
+@pytest.mark.parametrize(("seed", "scratch"), [(SEEDS[0], False), (SEEDS[1], True)])
+def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(
+    seed: int, scratch: bool, tmp_path: Path
+) -> None:
+    """A shortened quickstart SIGKILLed inside each of its stages in turn (world, baseline beside training,
+    evaluation from the base; world, tokenizer, segmenter beside the baseline, training, evaluation from random
+    weights; at a random moment of each), restarted after every kill: the finished run reports the uninterrupted
+    run's metrics, and every stage ends done."""
     short = [
+        *(["--from-scratch"] if scratch else []),
         "--recipe", str(TINY), "--num-images", "40", "--tokenizer-steps", "20", "--segmenter-steps", "20",
         "--eval-limit", "4", "--gallery", "2", "--baseline-steps", "20", "run.checkpoint_every=2", "run.log_every=1",
         "eval.every=0", "run.global_batch_size=4", "run.micro_batch_size=4", "run.steps=12",
@@ -146,7 +150,12 @@ def test_quickstart_killed_inside_each_stage_finishes_with_the_same_results(seed
     out = tmp_path / "killed"
     command = _perceptio("quickstart", "--out", str(out), *short)
     killed = []
-    for k, stage in enumerate(("world", "tokenizer", "segmenter", "baseline", "train", "eval")):
+    stages = (
+        ("world", "tokenizer", "segmenter", "baseline", "train", "eval")
+        if scratch
+        else ("world", "baseline", "train", "eval")
+    )
+    for k, stage in enumerate(stages):
         if _kill_at_random(command, lambda stage=stage: _stage_status(out, stage) == "running", seed * 10 + k, 2.0):
             killed.append(stage)
     _run(command)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from perceptio.cli.main import app
 from perceptio.data.readers import read_hardblink
-from perceptio.quickstart import STAGES, TARGETS
+from perceptio.quickstart import STAGES, TARGETS, QuickstartConfig, quickstart_stages
 from perceptio.utils.viz import LINE_COLORS, line_chart
 from perceptio.weights import verify
 
@@ -43,14 +43,20 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 
 def test_every_stage_runs_and_the_report_is_written(quickstart_run: tuple[Path, str]) -> None:
     out, output = quickstart_run
-    for k, stage in enumerate(STAGES, start=1):
-        assert f"[{k}/{len(STAGES)}] {stage}: running" in output
+    # from the shipped base, which brings its own depth tokenizer and SAM2: neither is trained
+    stages = quickstart_stages(QuickstartConfig(out=out))
+    assert stages == ("world", "baseline", "train", "eval", "predictions", "report")
+    for k, stage in enumerate(stages, start=1):
+        assert f"[{k}/{len(stages)}] {stage}: running" in output
     assert f"report: {out / 'report.md'}" in output
-    assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
+    assert set(json.loads((out / "stages.json").read_text())) == set(stages)
     assert (out / "train" / "model" / "config.json").is_file()
-    assert (out / "segmenter" / "model.safetensors").is_file() and (out / "tokenizer" / "mean_map.npy").is_file()
+    assert not (out / "segmenter").exists() and not (out / "tokenizer").exists()
+    # the baseline ran beside training, each in a process of its own with its log
+    assert (out / "logs" / "baseline.log").is_file() and (out / "logs" / "train.log").is_file()
 
     report = (out / "report.md").read_text()
+    assert "with its SAM2 and depth tokenizer" in report and "The train and baseline stages run side by side" in report
     for target in TARGETS:
         assert f"| {target.name} |" in report
     film = json.loads((out / "baseline" / "film_vqa.json").read_text())
@@ -121,7 +127,7 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
     refcoco_predictions = out / "eval" / "refcoco" / "predictions.jsonl"
     again = runner.invoke(app, ["quickstart", "--out", str(out), *SHORT])
     assert again.exit_code == 0, again.output
-    for stage in STAGES[:-1]:
+    for stage in quickstart_stages(QuickstartConfig(out=out))[:-1]:
         assert f"{stage}: finished earlier, reusing" in again.output
     assert model_file.stat().st_mtime_ns == model_stamp
 
@@ -142,7 +148,7 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
 
     changed = runner.invoke(app, ["quickstart", "--out", str(out), *OPTIONS, *RECIPE_OVERRIDES, "run.steps=5"])
     assert changed.exit_code == 0, changed.output
-    for stage in ("world", "tokenizer", "segmenter"):
+    for stage in ("world", "baseline"):  # the baseline does not depend on the recipe
         assert f"{stage}: finished earlier, reusing" in changed.output
     for stage in ("train", "eval", "predictions", "report"):
         assert f"{stage}: running" in changed.output
@@ -150,6 +156,29 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
     assert json.loads(logs[-1])["step"] == 5
     # the new model's predictions, not the old ones that the evaluation's own resume would have kept
     assert "kept" not in json.loads(refcoco_predictions.read_text().splitlines()[0])
+
+
+def test_from_random_weights_the_depth_tokenizer_and_sam2_are_trained_first(tmp_path: Path) -> None:
+    """``--from-scratch``: the tokenizer, then SAM2 beside the baseline; the recipe points at what they made (a
+    base's run points at nothing: the base's own parts are used)."""
+    from perceptio.quickstart import _paths, _recipe, run_quickstart
+
+    out = tmp_path / "quickstart"
+    config = QuickstartConfig(
+        out=out, recipe=RECIPE, num_images=40, tokenizer_steps=5, segmenter_steps=5, baseline_steps=3, base=None
+    )
+    lines: list[str] = []
+    run_quickstart(config, echo=lines.append, until="segmenter")
+    output = "\n".join(lines)
+    for k, stage in enumerate(("world", "tokenizer", "segmenter", "baseline"), start=1):
+        assert f"[{k}/{len(STAGES)}] {stage}: running" in output
+    assert "train: running" not in output
+    assert (out / "segmenter" / "model.safetensors").is_file() and (out / "tokenizer" / "mean_map.npy").is_file()
+    assert quickstart_stages(config) == STAGES
+    scratch = _recipe(config, _paths(out)).model
+    assert scratch.depth_tokenizer == out / "tokenizer" and scratch.segmenter_weights == out / "segmenter"
+    based = _recipe(QuickstartConfig(out=out), _paths(out)).model
+    assert based.init is not None and based.depth_tokenizer is None and based.segmenter_weights is None
 
 
 def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:

@@ -93,8 +93,13 @@ class SpatialCotConfig:
     )
     seeds: int = field(default=1, metadata={"help": "Seeds per arm (0..N-1).", "min": 1})
     num_images: int = field(default=4000, metadata={"help": "Images in the synthetic world.", "min": 10})
-    tokenizer_steps: int = field(default=1500, metadata={"help": "Depth-tokenizer training steps.", "min": 1})
-    segmenter_steps: int = field(default=1500, metadata={"help": "SAM2 pretraining steps.", "min": 1})
+    tokenizer_steps: int = field(
+        default=1500,
+        metadata={"help": "Depth-tokenizer training steps (without a base; a base brings its own).", "min": 1},
+    )
+    segmenter_steps: int = field(
+        default=1500, metadata={"help": "SAM2 pretraining steps (without a base; a base brings its own).", "min": 1}
+    )
     eval_limit: int | None = field(default=300, metadata={"help": "Samples per task and split evaluated.", "min": 1})
     jobs: int = field(
         default_factory=lambda: max(1, len(os.sched_getaffinity(0))),
@@ -146,14 +151,15 @@ def _train_job(
 
 
 def _base_overrides(config: SpatialCotConfig, out: Path) -> list[str]:
-    start = [f"model.preset={config.preset}"]
-    if config.base is not None:
-        start = ["model.preset=null", f"model.init={config.base}"]
+    if config.base is None:  # the depth tokenizer and SAM2 trained on the world first
+        start = [f"model.preset={config.preset}", f"model.depth_tokenizer={out / 'tokenizer'}"]
+        start += [f"model.segmenter_weights={out / 'segmenter'}"]
+    else:  # the base's own
+        start = ["model.preset=null", f"model.init={config.base}", "model.depth_tokenizer=null"]
+        start += ["model.segmenter_weights=null"]
     return [
         *start,
         f"data.root={out / 'world'}",
-        f"model.depth_tokenizer={out / 'tokenizer'}",
-        f"model.segmenter_weights={out / 'segmenter'}",
         "run.threads=1",
         "run.data_workers=0",  # the jobs run side by side, one core each: a data worker would double them
         "eval.every=0",
@@ -193,10 +199,13 @@ def run_spatial_cot(config: SpatialCotConfig, *, echo: Callable[[str], None] = p
         segmenter_steps=config.segmenter_steps,
         baseline_steps=0,  # the quickstart's FiLM VQA baseline is not part of this experiment
         progress=config.progress,
+        base=config.base,
     )
-    echo("[1/4] world, depth tokenizer and pretrained segmenter")
-    run_quickstart(qs, echo=lambda line: echo("  " + line), until="segmenter")
-    upstream = stage_records(out / "stages.json")["segmenter"]["digest"]  # chains world and tokenizer
+    # from a base: the world (the base brings its depth tokenizer and SAM2); otherwise those trained on it too
+    last = "world" if config.base is not None else "segmenter"
+    echo("[1/4] world" + ("" if config.base is not None else ", depth tokenizer and pretrained segmenter"))
+    run_quickstart(qs, echo=lambda line: echo("  " + line), until=last)
+    upstream = stage_records(out / "stages.json")[last]["digest"]  # chains the stages before it
     base = _base_overrides(config, out)
     if config.steps is not None:
         steps, rate = config.steps, None

@@ -20,7 +20,14 @@ from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, TeacherCache
 from perceptio.tokenizers.depth.train import TokenizerTrainConfig, train_tokenizer
 from perceptio.utils.runlock import run_lock
 
-__all__ = ["collect_teacher_maps", "default_cache_dir", "evaluate_folder", "find_depth_samples", "train_from_folder"]
+__all__ = [
+    "collect_teacher_maps",
+    "default_cache_dir",
+    "evaluate_folder",
+    "find_depth_samples",
+    "mean_depth_map",
+    "train_from_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +205,7 @@ def _train_from_folder(
         progress=progress,
         record=record,
     )
-    np.save(out / "mean_map.npy", _mean_map(maps))
+    np.save(out / "mean_map.npy", mean_depth_map(maps))
     return model, report
 
 
@@ -241,7 +248,7 @@ def evaluate_folder(
     if mean_path.is_file():
         mean_map, baseline_source = np.load(mean_path), "mean training map"
     else:
-        mean_map, baseline_source = _mean_map(maps), f"mean map of the {split} split itself"
+        mean_map, baseline_source = mean_depth_map(maps), f"mean map of the {split} split itself"
     results = evaluate_tokenizer(tokenizer, maps, mean_map=mean_map, seed=seed)
     results.update(
         checkpoint=str(checkpoint),
@@ -261,8 +268,9 @@ def evaluate_folder(
     return results
 
 
-def _mean_map(maps: list[TeacherMap]) -> np.ndarray:
-    """Per-pixel mean over the maps where they are valid (0.5 where none is)."""
+def mean_depth_map(maps: list[TeacherMap]) -> np.ndarray:
+    """The mean-map baseline of depth metrics: the per-pixel mean of ``maps`` where they are valid (0.5 where none
+    is)."""
     depth = np.stack([m.depth for m in maps]).astype(np.float64)
     valid = np.stack([m.valid for m in maps])
     count = valid.sum(0)
