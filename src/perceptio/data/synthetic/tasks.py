@@ -114,9 +114,11 @@ class Descriptor:
     shape: str | None = None
 
     def matches(self, obj: ObjectFacts) -> bool:
-        return all(
-            v is None or v == getattr(obj, k)
-            for k, v in (("size", self.size), ("color", self.color), ("shape", self.shape))
+        # spelled out: called about 3,000 times per scene while rendering a world
+        return (
+            (self.size is None or self.size == obj.size)
+            and (self.color is None or self.color == obj.color)
+            and (self.shape is None or self.shape == obj.shape)
         )
 
     def phrase(self, *, plural: bool = False) -> str:
@@ -225,18 +227,19 @@ def referring_expressions(
     if attribute:  # keep the shortest ones: "the red cube" rather than "the large red cube" when both work
         fewest = min(e.descriptor.num_attributes for e in attribute)
         by_kind["attribute"] = [e for e in attribute if e.descriptor.num_attributes == fewest]
+    descriptors = Descriptor.all_for(target)
     for other in objects:
         if other.object_id == target.object_id:
             continue
         anchor = _shortest_unique(other, objects)
         if anchor is None:
             continue
-        for descriptor in Descriptor.all_for(target):
+        for descriptor in descriptors:
             for relation in ("left_of", "right_of"):
                 expr = Expression("relation", descriptor, relation, anchor)
                 if unique(expr):
                     by_kind["relation"].append(expr)
-    for descriptor in Descriptor.all_for(target):
+    for descriptor in descriptors:
         for relation in ("closest", "farthest"):
             expr = Expression("extreme", descriptor, relation)
             if unique(expr):
