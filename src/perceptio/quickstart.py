@@ -400,7 +400,7 @@ EVALUATIONS = [(task, True) for task in EVAL_TASKS] + [(task, False) for task in
 
 
 def _evaluate(config: QuickstartConfig, paths: dict[str, Path], echo: Callable[[str], None] = print) -> None:
-    from perceptio.eval.harness import load_task_samples, run_eval
+    from perceptio.eval.harness import run_eval
     from perceptio.models.build import load_model
 
     shards = os.cpu_count() or 1
@@ -419,24 +419,44 @@ def _evaluate(config: QuickstartConfig, paths: dict[str, Path], echo: Callable[[
         run_jobs(jobs, shards, echo=echo, bars=True)
     model = load_model(paths["train"] / "model", device="cpu")
     metrics: dict[str, Any] = {}
-    samples = {}
     for task, constrain in EVALUATIONS:  # the library's default protocol is constrained (spans well-formed); the
         settings = _eval_settings(config, paths, task, constrain=constrain)  # unconstrained pass measures the model
-        if constrain:
-            samples[task] = load_task_samples(settings)
         metrics[task if constrain else f"{task}_unconstrained"] = run_eval(
             settings, progress=config.progress, model=model
         )
-    metrics["reference"] = _references(config, paths, samples)
-    metrics["image_use"] = _image_use(config, paths, model)
+    for name in EXTRAS:  # made by a shard, or here when there is none (or it was interrupted before)
+        metrics[name] = _extra(config, paths, name, model)
     loose = [metrics[f"{t}_unconstrained"] for t in SPAN_TASKS if metrics[f"{t}_unconstrained"]["count"]]
     total = sum(m["count"] for m in loose)
     metrics["well_formed_rate"] = sum(m["well_formed_rate"] * m["count"] for m in loose) / total if total else None
     (paths["eval"] / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+EXTRAS = ("reference", "image_use")
+"""The summary's parts besides the task metrics, each computed once into ``eval/<name>.json``: what the model is
+measured against, and its image-use gaps."""
+
+
+def _extra(config: QuickstartConfig, paths: dict[str, Path], name: str, model: tuple | None = None) -> Any:
+    """``eval/<name>.json`` of :data:`EXTRAS`, computed and written (atomically) when it is not there yet."""
+    from perceptio.models.build import load_model
+
+    path = paths["eval"] / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if name == "reference":
+        value = _references(config, paths)
+    else:
+        value = _image_use(config, paths, model or load_model(paths["train"] / "model", device="cpu"))
+    partial_path = path.with_suffix(".json.partial")
+    partial_path.write_text(json.dumps(value, indent=2) + "\n")
+    partial_path.replace(path)
+    return value
+
+
 def _evaluate_shard(config: QuickstartConfig, paths: dict[str, Path], shard: tuple[int, int]) -> None:
-    """One process's block of every evaluation (see ``run_eval``'s ``shard``)."""
+    """One process's block of every evaluation (see ``run_eval``'s ``shard``), then one of :data:`EXTRAS` (shard k
+    makes the k-th), so that the merge that follows has only to score."""
     from perceptio.eval.harness import run_eval
     from perceptio.models.build import load_model
 
@@ -444,6 +464,9 @@ def _evaluate_shard(config: QuickstartConfig, paths: dict[str, Path], shard: tup
     for task, constrain in EVALUATIONS:
         settings = _eval_settings(config, paths, task, constrain=constrain)
         run_eval(settings, progress=config.progress, model=model, shard=shard)
+    k, count = shard
+    for name in EXTRAS[k::count]:
+        _extra(config, paths, name, model)
 
 
 def _image_use(config: QuickstartConfig, paths: dict[str, Path], model_and_processor: tuple) -> dict[str, Any]:
@@ -457,11 +480,12 @@ def _image_use(config: QuickstartConfig, paths: dict[str, Path], model_and_proce
     return image_use_gap(model, processor, data, samples=config.eval_limit or 64)
 
 
-def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[str, list]) -> dict[str, Any]:
+def _references(config: QuickstartConfig, paths: dict[str, Path]) -> dict[str, Any]:
     """What the model is measured against: the point-prompted pretrained SAM2 on the same expressions, the
     majority answer per point count, the VQA answer prior per category (share of its most common answer), and the
     mean training depth map."""
     from perceptio.eval.extract import normalize_answer
+    from perceptio.eval.harness import load_task_samples
     from perceptio.models.build import load_model
     from perceptio.models.sam2 import load_sam2
     from perceptio.tokenizers.depth.evaluate import depth_metrics
@@ -469,6 +493,7 @@ def _references(config: QuickstartConfig, paths: dict[str, Path], samples: dict[
     from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
     from perceptio.train.segmenter import load_objects, point_prompt_ciou
 
+    samples = {task: load_task_samples(_eval_settings(config, paths, task, constrain=True)) for task in EVAL_TASKS}
     if config.base is None:
         sam, mean_map = load_sam2(paths["segmenter"]), np.load(paths["tokenizer"] / "mean_map.npy")
     else:  # the base's SAM2 as it was before training, and the mean depth map of this world's train split

@@ -98,6 +98,10 @@ def test_summary_metrics_and_baselines_are_measured(quickstart_run: tuple[Path, 
         assert len(predictions) == 4
     ref = summary["reference"]
     assert 0.0 <= ref["point_prompt_ciou"] <= 1.0 and ref["mean_map_abs_rel"] > 0
+    # the references and the image-use gaps are made once (by the evaluation's processes) and kept beside it
+    for name in ("reference", "image_use"):
+        assert json.loads((out / "eval" / f"{name}.json").read_text()) == summary[name]
+    assert set(summary["image_use"]) == {"refseg", "depth", "relative_depth", "vqa"}
     # the majority baseline is the most frequent gold letter among the evaluated questions of each point count
     questions = read_hardblink(out / "world" / "hardblink" / "val")[:4]
     counts: dict[int, Counter] = {}
