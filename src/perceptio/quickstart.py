@@ -29,7 +29,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -261,8 +261,8 @@ def _run_quickstart(config: QuickstartConfig, *, echo: Callable[[str], None], un
         ]
     else:  # the base brings its SAM2 and depth tokenizer, as the paper's model starts from pretrained ones.
         # Training runs on one thread (its data worker takes a little of the other core): the baseline fills the
-        # other core
-        upstream = [Concurrent((baseline, train))]
+        # other core, at a lower priority, so that it takes only what training leaves (it ends well before)
+        upstream = [Concurrent((replace(baseline, nice=10), train))]
     stages = [
         world_stage(
             world,

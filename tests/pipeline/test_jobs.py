@@ -90,3 +90,18 @@ def test_last_line_shows_the_end_of_a_progress_bar_without_its_name(tmp_path: Pa
     assert last_line(log, drop="train:") == bar[len("train:") :].strip()[-90:]
     assert last_line(log, drop="train:").startswith("35%")  # the name goes before the line is shortened
     assert last_line(log) == bar[-90:] and last_line(log, drop="eval:") == bar[-90:]
+
+
+def _niceness(path: Path) -> None:
+    path.write_text(str(os.nice(0)))
+
+
+def test_a_job_runs_at_the_niceness_it_asks_for(tmp_path: Path) -> None:
+    jobs = [
+        Job(name, partial(_niceness, tmp_path / f"{name}.txt"), tmp_path / f"{name}.log", None, nice=nice)
+        for name, nice in (("plain", 0), ("background", 5))
+    ]
+    run_jobs(jobs, 2, echo=lambda _: None)
+    mine = os.nice(0)
+    assert int((tmp_path / "plain.txt").read_text()) == mine
+    assert int((tmp_path / "background.txt").read_text()) == min(mine + 5, 19)

@@ -58,6 +58,8 @@ class Job:
         progress: a short note of how far it is, shown every ``report_every`` seconds while it runs.
         outcome: a short note of what it found, shown on the line that says it is done (the job leaves its
             results on disk, so the parent reads them there).
+        nice: added to its process's CPU niceness (``os.nice``): a job that can wait runs on what the others
+            leave free, and its results do not change.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Job:
     done: Callable[[], bool] | None
     progress: Callable[[], str] = lambda: ""
     outcome: Callable[[], str] = lambda: ""
+    nice: int = 0
 
 
 class JobsFailedError(UserError, RuntimeError):
@@ -85,10 +88,12 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _work(call: Callable[[], object], log: Path, name: str, parent: int) -> None:
-    """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too); it
-    ends with its parent."""
+def _work(call: Callable[[], object], log: Path, name: str, parent: int, nice: int = 0) -> None:
+    """The body of a job's process: one thread, stdout and stderr into ``log`` (a traceback lands there too), at
+    ``nice`` more niceness; it ends with its parent."""
     _exit_with_parent(parent)
+    if nice:
+        os.nice(nice)
     if "torch" in sys.modules:  # imported while unpickling ``call``: set its threads too, whatever it read
         import torch
 
@@ -151,7 +156,8 @@ def run_jobs(
                 job = pending.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 echo(f"  {job.name}: started (log {job.log})")
-                process = spawn.Process(target=_work, args=(job.call, job.log, job.name, os.getpid()), name=job.name)
+                work = (job.call, job.log, job.name, os.getpid(), job.nice)
+                process = spawn.Process(target=_work, args=work, name=job.name)
                 with _environment({k: v for k, v in ONE_THREAD.items() if not (bars and k == "TQDM_DISABLE")}):
                     process.start()
                 running.append((job, process))

@@ -43,6 +43,8 @@ class Stage:
         folder: the stage's own output folder, emptied before a fresh run; None when the stage writes nothing of
             its own that could be stale (a file rewritten each time, or a folder it must never remove).
         resumable: an interrupted run with the same digest is continued rather than started again.
+        nice: in a :class:`Concurrent` group, added to the niceness of its process: a stage off the critical
+            path (one that ends well before its siblings) yields the CPU to them, with the same results.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Stage:
     run: Callable[[bool], None]
     folder: Path | None = None
     resumable: bool = False
+    nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ def _run_concurrent(
                 None,
                 progress=partial(_progress, log, stage.name),
                 outcome=finish,
+                nice=stage.nice,
             )
         )
 
