@@ -20,6 +20,11 @@ Against an earlier commit: ``--against REV`` trains the same recipe with the cod
 the working tree, alternately ``--rounds`` times, and prints the same table (the overrides apply to both):
 
     .venv/bin/python bench/training.py --against 64bb014 --steps 60 data.root=runs/quickstart/world
+
+``--processes N`` trains the working tree's side with N processes of one thread under ``torchrun`` (DDP over gloo,
+each with the global batch's 1/N as its micro batch and no data worker), the revision's side as the recipe says:
+both use the whole machine. Not exact: each micro batch averages its own token losses, so the losses differ
+from the first step.
 """
 
 from __future__ import annotations
@@ -32,13 +37,25 @@ import sys
 from pathlib import Path
 
 
-def _train(config: Path, overrides: list[str], out: Path, steps: int, source: Path | None) -> list[dict]:
-    """Train ``steps`` steps into ``out`` (the code of ``source``'s ``src``, or the installed package) and return
-    the log lines."""
+def _train(
+    config: Path, overrides: list[str], out: Path, steps: int, source: Path | None, processes: int = 1
+) -> list[dict]:
+    """Train ``steps`` steps into ``out`` (the code of ``source``'s ``src``, or the installed package; under
+    ``torchrun`` with ``processes`` > 1) and return the log lines."""
+    from perceptio.config import load_config
+    from perceptio.train.config import TrainConfig
     from perceptio.utils.jsonl import read_jsonl
 
     recipe = source / config if source is not None and (source / config).is_file() else config  # its own recipe
-    command = [sys.executable, "-m", "perceptio", "train", "--config", str(recipe), "--overwrite", *overrides]
+    launcher = [sys.executable, "-m", "perceptio"]
+    if processes > 1:
+        batch = load_config(TrainConfig, recipe, overrides).run.global_batch_size
+        if batch % processes:
+            raise SystemExit(f"--processes {processes} does not divide the global batch {batch}")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        launcher += ["-m", "perceptio"]
+        overrides = [*overrides, f"run.micro_batch_size={batch // processes}", "run.data_workers=0", "run.threads=1"]
+    command = [*launcher, "train", "--config", str(recipe), "--overwrite", *overrides]
     command += [f"run.steps={steps}", "run.log_every=1", "run.checkpoint_every=0", "eval.every=0", f"run.out_dir={out}"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if source is not None:
@@ -90,14 +107,16 @@ def compare(config: Path, key: str, values: list[str], steps: int, overrides: li
     report(logs, key)
 
 
-def against(config: Path, revision: str, steps: int, overrides: list[str], rounds: int) -> None:
-    """Train ``steps`` steps with the code of ``revision`` and of the working tree; print speed and losses."""
+def against(config: Path, revision: str, steps: int, overrides: list[str], rounds: int, processes: int = 1) -> None:
+    """Train ``steps`` steps with the code of ``revision`` and of the working tree (in ``processes`` processes);
+    print speed and losses."""
     source = _export(revision)
-    logs: dict[str, list[list[dict]]] = {revision: [], "working tree": []}
+    tree = "working tree" + (f", {processes} processes" if processes > 1 else "")
+    logs: dict[str, list[list[dict]]] = {revision: [], tree: []}
     for _ in range(rounds):
-        for name, code in ((revision, source), ("working tree", None)):
+        for name, code in ((revision, source), (tree, None)):
             out = Path("runs/bench_training") / ("rev" if code else "tree")
-            logs[name].append(_train(config, overrides, out, steps, code))
+            logs[name].append(_train(config, overrides, out, steps, code, 1 if code else processes))
     report(logs, "code")
 
 
@@ -109,13 +128,14 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="a git revision whose code to compare with the working tree")
     parser.add_argument("--steps", type=int, default=60, help="steps per run of --compare / --against")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each variant, alternating (best one counts)")
+    parser.add_argument("--processes", type=int, default=1, help="--against: the working tree under torchrun")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     args = parser.parse_args()
     if args.compare:
         compare(args.config, args.compare, args.values.split(","), args.steps, args.overrides, args.rounds)
         return
     if args.against:
-        against(args.config, args.against, args.steps, args.overrides, args.rounds)
+        against(args.config, args.against, args.steps, args.overrides, args.rounds, args.processes)
         return
 
     from perceptio.config import load_config
