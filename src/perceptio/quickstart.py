@@ -10,8 +10,9 @@ Stages, each written under ``out`` and reused by a second run once finished:
 3. ``baseline/``: the FiLM CNN trained on the world's VQA alone (the report's "how hard is the data" row), beside
    training (or beside SAM2 from random weights): one core each;
 4. ``train/``: train the tiny Perceptio model with the recipe (``configs/tiny_synth.yaml``), resumable;
-5. ``eval/``: evaluate on the val split with *unconstrained* decoding: referring segmentation (cIoU, gIoU, and
-   the same SAM2 prompted with a true point inside each object), relative depth with 2-5 markers (against the
+5. ``eval/``: evaluate on the val split (the depth-span grammar constrained; the span tasks a second time without
+   it): referring segmentation (cIoU, gIoU of each answer's first mask, and the pretrained SAM2 prompted with a
+   true point inside each object), relative depth with 2-5 markers (against the
    majority-answer baseline per point count), depth (AbsRel, delta<1.25 of the decoded span, against the mean
    training map), VQA accuracy, and the share of well-formed spatial spans;
 6. ``predictions/``: predictions on a few val images (the files ``perceptio predict`` writes);
@@ -54,7 +55,7 @@ from perceptio.pipeline import (
     world_stage,
 )
 
-__all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "run_quickstart"]
+__all__ = ["QuickstartConfig", "TARGETS", "export_quickstart_model", "quickstart_stages", "run_quickstart"]
 
 STAGES = ("world", "tokenizer", "segmenter", "baseline", "train", "eval", "predictions", "report")
 """Every stage, in order. ``tokenizer`` and ``segmenter`` run only without a base (:func:`quickstart_stages`)."""
