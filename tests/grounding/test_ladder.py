@@ -71,6 +71,7 @@ def test_baseline_arm_is_the_control_that_ignores_the_image(tmp_path: Path) -> N
     assert abs(ignored["final"]["image_use_gap"]) < 0.05
 
 
+@pytest.mark.slow  # end to end: four training jobs and their evaluations in processes of their own (about 20 s)
 def test_cli_runs_tabulates_and_reuses_jobs(world_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ladder"
     args = ["experiment", "grounding", "--out", str(out), "--world", str(world_dir), "--levels", "L0,L2",

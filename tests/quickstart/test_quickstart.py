@@ -162,10 +162,25 @@ def test_an_interrupted_stage_resumes_and_a_changed_recipe_redoes_what_follows(
     assert "kept" not in json.loads(refcoco_predictions.read_text().splitlines()[0])
 
 
+def test_from_random_weights_the_recipe_uses_the_tokenizer_and_sam2_trained_first(tmp_path: Path) -> None:
+    """``--from-scratch`` runs every stage and points the recipe at the tokenizer and SAM2 it trained; a base's run
+    points at nothing (the base's own parts are used). The slow kill-and-resume test runs it whole."""
+    from perceptio.quickstart import _paths, _recipe
+
+    out = tmp_path / "quickstart"
+    scratch = QuickstartConfig(out=out, recipe=RECIPE, base=None)
+    assert quickstart_stages(scratch) == STAGES
+    model = _recipe(scratch, _paths(out)).model
+    assert model.init is None and model.preset == "tiny"
+    assert model.depth_tokenizer == out / "tokenizer" and model.segmenter_weights == out / "segmenter"
+    based = _recipe(QuickstartConfig(out=out, recipe=RECIPE), _paths(out)).model
+    assert based.init is not None and based.depth_tokenizer is None and based.segmenter_weights is None
+
+
+@pytest.mark.slow
 def test_from_random_weights_the_depth_tokenizer_and_sam2_are_trained_first(tmp_path: Path) -> None:
-    """``--from-scratch``: the tokenizer, then SAM2 beside the baseline; the recipe points at what they made (a
-    base's run points at nothing: the base's own parts are used)."""
-    from perceptio.quickstart import _paths, _recipe, run_quickstart
+    """``--from-scratch``: the tokenizer, then SAM2 beside the baseline, before training."""
+    from perceptio.quickstart import run_quickstart
 
     out = tmp_path / "quickstart"
     config = QuickstartConfig(
@@ -178,11 +193,6 @@ def test_from_random_weights_the_depth_tokenizer_and_sam2_are_trained_first(tmp_
         assert f"[{k}/{len(STAGES)}] {stage}: running" in output
     assert "train: running" not in output
     assert (out / "segmenter" / "model.safetensors").is_file() and (out / "tokenizer" / "mean_map.npy").is_file()
-    assert quickstart_stages(config) == STAGES
-    scratch = _recipe(config, _paths(out)).model
-    assert scratch.depth_tokenizer == out / "tokenizer" and scratch.segmenter_weights == out / "segmenter"
-    based = _recipe(QuickstartConfig(out=out), _paths(out)).model
-    assert based.init is not None and based.depth_tokenizer is None and based.segmenter_weights is None
 
 
 def test_quickstart_names_a_missing_recipe(tmp_path: Path) -> None:
