@@ -117,6 +117,23 @@ def test_resume_refuses_other_settings(model_dir: Path, world_dir: Path, tmp_pat
         run_eval(_settings("hardblink", model_dir, data, tmp_path, limit=2, spatial_cot=False, resume=True))
 
 
+def test_first_mask_is_part_of_the_protocol_and_an_older_evaluation_resumes_without_it(
+    model_dir: Path, world_dir: Path, tmp_path: Path
+) -> None:
+    args = {"split": "val", "limit": 2, "image_root": world_dir / "images"}
+    run_eval(_settings("refcoco", model_dir, world_dir, tmp_path, **args), progress=False)
+    saved = json.loads((tmp_path / "eval_settings.json").read_text())
+    assert saved["first_mask"] is False
+    with pytest.raises(ValueError, match=r"first_mask \(saved False, now True\)"):
+        run_eval(_settings("refcoco", model_dir, world_dir, tmp_path, resume=True, first_mask=True, **args))
+    del saved["first_mask"]  # as written before the setting existed: whole answers, every mask
+    (tmp_path / "eval_settings.json").write_text(json.dumps(saved))
+    run_eval(_settings("refcoco", model_dir, world_dir, tmp_path, resume=True, **args), progress=False)
+    with pytest.raises(ValueError, match="first_mask"):
+        (tmp_path / "eval_settings.json").write_text(json.dumps(saved))
+        run_eval(_settings("refcoco", model_dir, world_dir, tmp_path, resume=True, first_mask=True, **args))
+
+
 def test_mmbench_limit_keeps_whole_circular_groups(model_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     settings = _settings("mmbench", model_dir, world_dir / "mmbench" / "val.tsv", tmp_path, limit=2)
     metrics = run_eval(settings, progress=False)

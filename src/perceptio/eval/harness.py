@@ -129,7 +129,8 @@ def _run_eval(
     if rank == 0:
         if settings.resume and settings_path.is_file():
             saved = json.loads(settings_path.read_text())
-            recorded = {key: saved.get(key) for key in protocol}  # what this version records; older extras aside
+            # what this version records (older extras aside); a setting added since has the value it then had
+            recorded = {key: saved.get(key, _ADDED_SINCE.get(key)) for key in protocol}
             require_same_settings(out, recorded, protocol, fix="Use the original settings or another --out")
         if not settings.resume:
             for stale in [final_path, *out.glob("predictions.rank*.jsonl")]:
@@ -191,6 +192,10 @@ def _run_eval(
 
 class IncompleteEvaluationError(UserError, RuntimeError):
     """Some samples have no prediction line (a rank failed); ``--resume`` completes them."""
+
+
+_ADDED_SINCE = {"first_mask": False}
+"""Protocol settings that older evaluations did not record, with what they did then: they resume as such."""
 
 
 def _protocol(settings: EvalSettings) -> dict[str, Any]:
