@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -322,3 +323,36 @@ def test_the_frozen_feature_cache_changes_no_loss(world_dir: Path, tmp_path: Pat
     assert _losses(runs[0]) == _losses(runs[64])
     weights = [load_file(out / "model" / "model.safetensors") for out in runs.values()]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_depth_map_shared_by_several_datasets_is_encoded_once(world_dir: Path) -> None:
+    """Referring segmentation, depth and relative depth share their images' depth maps: each map is encoded once,
+    and every sample gets the codes of its own map."""
+    from perceptio.tokenizers.depth import DepthTokenizer
+    from perceptio.train.data import TrainingData
+
+    config = load_config(TrainConfig, TINY, [f"data.root={world_dir}"])
+    tokenizer = DepthTokenizer.from_preset("tiny")
+    encoded: list[int] = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda maps: encoded.append(len(maps)) or encode(maps)  # type: ignore[method-assign]
+    data = TrainingData.from_config(config.data, tokenizer, progress=False)
+    paths = {
+        str(s.depth.path): c
+        for name, samples in data.datasets.items()
+        for s, c in zip(samples, data.codes[name], strict=True)
+        if c is not None
+    }
+    assert sum(encoded) == len(paths) < sum(c is not None for codes in data.codes.values() for c in codes)
+    for name, samples in data.datasets.items():
+        for sample, codes in zip(samples, data.codes[name], strict=True):
+            if codes is not None:
+                assert np.array_equal(codes, paths[str(sample.depth.path)])
+    one = tokenizer.encode  # a map encoded alone gets the codes it got in its batch
+    sample = next(s for s in data.datasets["depth"])
+    from perceptio.tokenizers.depth.teachers import GroundTruthTeacher, teacher_maps
+
+    (alone,), _ = teacher_maps([sample], GroundTruthTeacher(), size=tokenizer.config.input_size, progress=False)
+    with torch.no_grad():
+        grid = one(torch.from_numpy(alone.depth[None].astype(np.float32))).numpy()[0]
+    assert np.array_equal(grid, paths[str(sample.depth.path)])
