@@ -441,17 +441,13 @@ EXTRAS = ("reference", "image_use")
 measured against, and its image-use gaps."""
 
 
-def _extra(config: QuickstartConfig, paths: dict[str, Path], name: str, model: tuple | None = None) -> Any:
-    """``eval/<name>.json`` of :data:`EXTRAS`, computed and written (atomically) when it is not there yet."""
-    from perceptio.models.build import load_model
-
+def _extra(config: QuickstartConfig, paths: dict[str, Path], name: str, model: tuple) -> Any:
+    """``eval/<name>.json`` of :data:`EXTRAS` (``model``: the trained model and processor), computed and written
+    (atomically) when it is not there yet."""
     path = paths["eval"] / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    if name == "reference":
-        value = _references(config, paths)
-    else:
-        value = _image_use(config, paths, model or load_model(paths["train"] / "model", device="cpu"))
+    value = _references(config, paths) if name == "reference" else _image_use(config, paths, model)
     partial_path = path.with_suffix(".json.partial")
     partial_path.write_text(json.dumps(value, indent=2) + "\n")
     partial_path.replace(path)
