@@ -105,3 +105,12 @@ def test_a_job_runs_at_the_niceness_it_asks_for(tmp_path: Path) -> None:
     mine = os.nice(0)
     assert int((tmp_path / "plain.txt").read_text()) == mine
     assert int((tmp_path / "background.txt").read_text()) == min(mine + 5, 19)
+
+
+def test_a_negative_niceness_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from perceptio.pipeline import Stage
+
+    with pytest.raises(ValueError, match=r"job 'x': nice must be >= 0 .* got -5"):
+        Job("x", partial(_niceness, tmp_path / "x.txt"), tmp_path / "x.log", None, nice=-5)
+    with pytest.raises(ValueError, match=r"stage 'baseline': nice must be >= 0 .* got -1"):
+        Stage("baseline", (), partial(_niceness, tmp_path / "y.txt"), nice=-1)

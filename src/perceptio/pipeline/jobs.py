@@ -70,6 +70,12 @@ class Job:
     outcome: Callable[[], str] = lambda: ""
     nice: int = 0
 
+    def __post_init__(self) -> None:
+        if self.nice < 0:
+            raise ValueError(
+                f"job {self.name!r}: nice must be >= 0 (a process may lower its priority only), got {self.nice}"
+            )
+
 
 class JobsFailedError(UserError, RuntimeError):
     """Some jobs failed; each failure was reported with the end of its log."""

@@ -54,6 +54,12 @@ class Stage:
     resumable: bool = False
     nice: int = 0
 
+    def __post_init__(self) -> None:
+        if self.nice < 0:
+            raise ValueError(
+                f"stage {self.name!r}: nice must be >= 0 (a process may lower its priority only), got {self.nice}"
+            )
+
 
 @dataclass(frozen=True)
 class Concurrent:
