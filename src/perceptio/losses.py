@@ -32,6 +32,7 @@ __all__ = [
     "depth_marker_loss",
     "depth_recon_loss",
     "depth_token_loss",
+    "full_span_codes",
     "mask_bce_loss",
     "mask_dice_loss",
     "text_loss",
@@ -112,6 +113,16 @@ def depth_count_loss(
     return torch.stack(losses).mean()
 
 
+def full_span_codes(targets: torch.Tensor, *, code_ids: range, span_length: int) -> torch.Tensor | None:
+    """The target codes (M, span_length) of the M sequences holding exactly ``span_length`` code targets (a full
+    span), in sequence order; None when there is none. These are the spans :func:`depth_recon_loss` scores."""
+    codes = _code_positions(targets, code_ids)
+    full = codes.sum(1) == span_length
+    if not bool(full.any()):
+        return None
+    return (targets[codes & full[:, None]] - code_ids.start).reshape(int(full.sum()), span_length)
+
+
 def depth_recon_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -119,26 +130,36 @@ def depth_recon_loss(
     code_ids: range,
     span_length: int,
     decode_soft: Callable[..., torch.Tensor],
-    decode: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Soft merging: decode ``softmax(code logits / temperature)`` and compare with the decoded target codes.
 
     Only sequences holding exactly ``span_length`` code targets take part (a full span). ``decode_soft`` takes
-    ``logits=(M, N, K)`` and returns (M, H, W); ``decode`` takes codes (M, N) reshaped by the caller's
-    tokenizer, i.e. ``DepthTokenizer.decode_soft`` and ``lambda c: tokenizer.decode(c.view(M, h, w))``.
+    ``logits=(M, N, K)`` and returns (M, H, W); the target is ``decode`` of the spans' codes (M, N) (the caller
+    reshapes them for its tokenizer: ``DepthTokenizer.decode_soft`` and ``lambda c: tokenizer.decode(c.view(M, h,
+    w))``), or ``reference``, that decode computed beforehand from :func:`full_span_codes` (pass one of the two
+    when there is a full span).
     """
     codes = _code_positions(targets, code_ids)
     full = codes.sum(1) == span_length
     if not bool(full.any()):
         return _zero(logits)
+    if (decode is None) == (reference is None):
+        raise ValueError("the targets hold a full depth span: pass exactly one of decode or reference")
     codes &= full[:, None]  # one indexing for every full span (see depth_count_loss)
     spans = int(full.sum())
     code_logits = logits[codes][:, code_ids.start : code_ids.stop].reshape(spans, span_length, -1).float()
-    target_codes = (targets[codes] - code_ids.start).reshape(spans, span_length)
     predicted = decode_soft(logits=code_logits, temperature=temperature)
-    with torch.no_grad():
-        reference = decode(target_codes)
+    if reference is None:
+        with torch.no_grad():
+            reference = decode(full_span_codes(targets, code_ids=code_ids, span_length=span_length))  # type: ignore[misc, arg-type]
+    if reference.shape != predicted.shape:
+        raise ValueError(
+            f"the reference depth has shape {tuple(reference.shape)}, the {spans} full span(s) decode to "
+            f"{tuple(predicted.shape)}; compute it from full_span_codes of the same targets"
+        )
     return F.mse_loss(predicted, reference)
 
 

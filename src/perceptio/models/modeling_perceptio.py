@@ -27,6 +27,7 @@ from perceptio.losses import (
     depth_marker_loss,
     depth_recon_loss,
     depth_token_loss,
+    full_span_codes,
     mask_bce_loss,
     mask_dice_loss,
     text_loss,
@@ -42,6 +43,7 @@ from perceptio.utils.weights_files import check_safetensors_folder
 from perceptio.vocab import TokenIds, register_tokens
 
 __all__ = [
+    "FrozenTargets",
     "ImageTokenNorm",
     "ImageTokenPosition",
     "PerceptioForConditionalGeneration",
@@ -191,6 +193,25 @@ class PerceptioOutput:
     logits: torch.Tensor
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_logits: list[torch.Tensor | None] | None = None
+
+
+@dataclass
+class FrozenTargets:
+    """What the frozen parts compute for a training batch (:meth:`PerceptioForConditionalGeneration.frozen_targets`).
+
+    They depend on the batch alone, not on a trainable weight, so they can be computed ahead of the forward pass,
+    in another process (the trainer's data worker does on a CPU); computed the same way, they give the same loss
+    to the bit.
+
+    Attributes:
+        image_features: SAM2's frozen multi-scale features of the image of each row whose target masks the loss
+            decodes, by row (row 0 alone when no row has masks: the zero-weighted pass).
+        depth_reference: (M, H, W) the decoded target codes of the M full depth spans, in row order (None without
+            one), the reference of the soft-merging reconstruction term.
+    """
+
+    image_features: dict[int, tuple[torch.Tensor, ...]]
+    depth_reference: torch.Tensor | None
 
 
 class PerceptioForConditionalGeneration(PreTrainedModel):
@@ -560,6 +581,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         labels: torch.Tensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         gt_masks: list[torch.Tensor | None] | None = None,
+        frozen: FrozenTargets | None = None,
     ) -> PerceptioOutput:
         """Run the VLM and, with ``labels``, every named loss term.
 
@@ -570,6 +592,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             labels: (B, L) with ``IGNORE_INDEX`` on the prompt and padding.
             sam_pixel_values: (B, 3, S, S) SAM2 pixels (needed when any sample has target masks).
             gt_masks: per sample, bool (N_b, H, W) target masks, one per segmentation token in its sequence, or None.
+            frozen: :meth:`frozen_targets` of these inputs, when computed beforehand (else computed here).
 
         Returns:
             A :class:`PerceptioOutput`.
@@ -584,9 +607,10 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         logits = outputs.logits
         if labels is None:
             return PerceptioOutput(loss=None, logits=logits)
+        if frozen is None:
+            frozen = self.frozen_targets(input_ids, labels, sam_pixel_values, gt_masks)
         ids = self.config.resolved_token_ids
         span_length = self.config.vocab.span_length
-        grid = self.config.depth_tokenizer.grid
         step_logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
         terms = {
             "text": text_loss(step_logits, targets, exclude_ids=[ids.depth_start, ids.depth_end, *ids.code_ids]),
@@ -602,37 +626,62 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 span_length=span_length,
                 # unclamped: a saturated (clamped) decoder output would carry no gradient
                 decode_soft=lambda **kw: self.depth_tokenizer.decode_soft(**kw, clamp=False),
-                decode=lambda codes: self.depth_tokenizer.decode(codes.view(-1, *grid), clamp=False),
+                reference=frozen.depth_reference,
             ),
         }
-        mask_logits, bce, dice, iou = self._mask_terms(outputs.hidden_states[-1], input_ids, sam_pixel_values, gt_masks)
+        hidden = outputs.hidden_states[-1]
+        mask_logits, bce, dice, iou = self._mask_terms(hidden, input_ids, frozen.image_features, gt_masks)
         terms.update(mask_bce=bce, mask_dice=dice, mask_iou=iou)
         weights = self.config.loss_weights
         loss = sum(weights[name] * value for name, value in terms.items())
         return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits)
 
+    @torch.no_grad()
+    def frozen_targets(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None = None,
+        gt_masks: list[torch.Tensor | None] | None = None,
+    ) -> FrozenTargets:
+        """The frozen parts' share of the loss of a batch (the arguments as :meth:`forward` takes them): SAM2's
+        image features of the rows with target masks, each image encoded alone (from the cache when there is one),
+        and the depth decoded from the target codes of the full spans, in one batch."""
+        rows = [b for b, target in enumerate(gt_masks or []) if target is not None and len(target)]
+        if rows and sam_pixel_values is None:
+            raise ValueError("gt_masks need sam_pixel_values (the processor makes them)")
+        if not rows:  # the zero-weighted pass decodes the first image
+            side = self.config.segmenter_config.prompt_encoder_config.image_size
+            blank = sam_pixel_values is None
+            pixels = torch.zeros(1, 3, side, side, device=input_ids.device) if blank else sam_pixel_values[:1]  # type: ignore[index]
+            features = {0: self._frozen_image_features(pixels)}
+        else:
+            features = {b: self._frozen_image_features(sam_pixel_values[b : b + 1]) for b in rows}  # type: ignore[index]
+        ids = self.config.resolved_token_ids
+        codes = full_span_codes(labels[:, 1:], code_ids=ids.code_ids, span_length=self.config.vocab.span_length)
+        reference = None
+        if codes is not None:
+            reference = self.depth_tokenizer.decode(codes.view(-1, *self.config.depth_tokenizer.grid), clamp=False)
+        return FrozenTargets(image_features=features, depth_reference=reference)
+
     def _mask_terms(
         self,
         hidden: torch.Tensor,
         input_ids: torch.Tensor,
-        sam_pixel_values: torch.Tensor | None,
+        image_features: dict[int, tuple[torch.Tensor, ...]],
         gt_masks: list[torch.Tensor | None] | None,
     ) -> tuple[list[torch.Tensor | None] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask BCE, Dice and IoU-head terms over every segmentation token with a target mask (Sa2VA convention:
         the hidden state computed with the segmentation token as input). With several candidates, each object's
         mask terms use its best-matching candidate (SAM's minimum-loss assignment) and the IoU head learns every
         candidate's actual IoU. Without any target, a zero-weighted pass keeps the projection and the mask
-        decoder in the graph."""
+        decoder in the graph. ``image_features``: :attr:`FrozenTargets.image_features`."""
         seg = input_ids == self.config.resolved_token_ids.seg
         has_masks = gt_masks is not None and any(m is not None and len(m) for m in gt_masks)
         if not has_masks:
-            side = self.config.segmenter_config.prompt_encoder_config.image_size
-            pixels = sam_pixel_values[:1] if sam_pixel_values is not None else hidden.new_zeros(1, 3, side, side)
-            logits, iou = self.segment(pixels, hidden[:1, :1])
+            logits, iou = self._decode_objects(image_features[0], hidden.new_zeros(1, dtype=torch.long), hidden[0, :1])
             zero = logits.sum() * 0.0 + iou.sum() * 0.0
             return None, zero, zero, zero
-        if sam_pixel_values is None:
-            raise ValueError("gt_masks need sam_pixel_values (the processor makes them)")
         counts = seg.sum(1).tolist()
         rows = [b for b, target in enumerate(gt_masks) if target is not None and len(target)]  # type: ignore[arg-type]
         for b in rows:
@@ -641,10 +690,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                     f"sample {b} has {counts[b]} segmentation token(s) in its sequence but {len(gt_masks[b])} "  # type: ignore[index, arg-type]
                     "target mask(s); the target text must hold one segmentation token per mask"
                 )
-        # every object of the batch through the mask decoder in one call; the frozen features come per image
-        # (from the cache when there is one)
-        features = [self._frozen_image_features(sam_pixel_values[b : b + 1]) for b in rows]
-        levels = [torch.cat(level, dim=1) for level in zip(*features, strict=True)]
+        # every object of the batch through the mask decoder in one call
+        levels = [torch.cat(level, dim=1) for level in zip(*(image_features[b] for b in rows), strict=True)]
         sizes = [counts[b] for b in rows]
         image_of = torch.repeat_interleave(
             torch.arange(len(rows), device=hidden.device), torch.tensor(sizes, device=hidden.device)

@@ -218,13 +218,14 @@ def train(
 
 class _StepBatches(torch.utils.data.Dataset):
     """This process's batches of each training step from ``start`` on: the names of the datasets drawn, then per
-    micro batch of this rank (chunk index, the examples' tasks, the collated batch with ``gt_masks``). Every example
-    draws from a generator seeded with (seed, step, position), so the batches are the same whichever process
-    prepares them and whenever."""
+    micro batch of this rank (chunk index, the examples' tasks, the collated batch with ``gt_masks``, and with
+    ``frozen``: the model's :meth:`~PerceptioForConditionalGeneration.frozen_targets` when ``frozen`` is given).
+    Every example draws from a generator seeded with (seed, step, position), so the batches are the same whichever
+    process prepares them and whenever."""
 
-    def __init__(self, sampler, data, processor, run, rank: int, world: int, start: int) -> None:  # noqa: ANN001
+    def __init__(self, sampler, data, processor, run, rank: int, world: int, start: int, frozen=None) -> None:  # noqa: ANN001
         self.sampler, self.data, self.processor, self.run = sampler, data, processor, run
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.frozen = rank, world, start, frozen
 
     def __len__(self) -> int:
         return self.run.steps - self.start
@@ -238,7 +239,12 @@ class _StepBatches(torch.utils.data.Dataset):
             if chunk_index % self.world != self.rank:
                 continue
             examples = [self.data.example(*pairs[p], np.random.default_rng([run.seed, step, p])) for p in chunk]
-            mine.append((chunk_index, [e.task for e in examples], collate(examples, self.processor)))
+            batch = collate(examples, self.processor)
+            if self.frozen is not None:
+                batch["frozen"] = self.frozen(
+                    batch["input_ids"], batch["labels"], batch.get("sam_pixel_values"), batch["gt_masks"]
+                )
+            mine.append((chunk_index, [e.task for e in examples], batch))
         return [name for name, _ in pairs], mine
 
     def __iter__(self):  # noqa: ANN204 - in-process preparation, one step at a time
@@ -478,7 +484,12 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
     last_eval: dict[str, float] = {}
     run.began = time.perf_counter()
     run.trainable.train()
-    steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start)
+    # On a CPU in full precision, the frozen parts' share of each loss (SAM2's image features, the decoded target
+    # depth) is computed where the batch is prepared: by the data worker, beside training, as the forward pass
+    # would compute it (the same loss). A GPU computes it in the forward pass, under the step's autocast.
+    ahead = ctx.device.type == "cpu" and not _bf16(run)
+    frozen = _plain(run.trainable).frozen_targets if ahead else None
+    steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start, frozen)
     prepared = iter(steps) if not cfg.data_workers else iter(steps.loader(cfg.data_workers))
     for step in bar:
         tick = time.perf_counter()
@@ -518,10 +529,10 @@ def _step(
     norm."""
     config, ctx, engine = run.config, run.ctx, run.engine
     cfg = config.run
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    bf16 = _bf16(run)
     sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
     for j, (chunk_index, tasks, batch) in enumerate(mine):
-        gt_masks = batch.pop("gt_masks")
+        gt_masks, frozen = batch.pop("gt_masks"), batch.pop("frozen", None)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + chunk_index)  # dropout, the same on any layout
         sync = j == len(mine) - 1 or not isinstance(engine, nn.parallel.DistributedDataParallel)
@@ -529,7 +540,7 @@ def _step(
             contextlib.nullcontext() if sync else engine.no_sync(),
             torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
-            output = engine(**batch, gt_masks=gt_masks)
+            output = engine(**batch, gt_masks=gt_masks, frozen=frozen)
             (output.loss / run.accumulation).backward()
         sums[0] += output.loss.detach().double().cpu()
         for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
@@ -550,6 +561,11 @@ def _step(
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm
+
+
+def _bf16(run: _Run) -> bool:
+    precision = run.config.run.precision
+    return precision == "bf16" or (precision == "auto" and run.ctx.device.type == "cuda")
 
 
 def _write_log_line(run: _Run, record: dict[str, Any]) -> None:
