@@ -118,7 +118,9 @@ def test_mask_terms_decode_every_object_of_a_batch_at_once_as_per_image_calls_wo
     hidden = torch.randn(3, 12, 64)
     pixels = torch.randn(3, 3, 64, 64)
     gt_masks = [torch.rand(2, 64, 64) > 0.5, None, torch.rand(1, 64, 64) > 0.5]
-    per_sample, bce, dice, _ = model._mask_terms(hidden, input_ids, pixels, gt_masks)
+    features = model.frozen_targets(input_ids, input_ids, pixels, gt_masks).image_features
+    assert sorted(features) == [0, 2]  # the rows with target masks
+    per_sample, bce, dice, _ = model._mask_terms(hidden, input_ids, features, gt_masks)
     assert per_sample[1] is None and per_sample[0].shape == (2, 16, 16) and per_sample[2].shape == (1, 16, 16)
     for b in (0, 2):
         alone = model.select_masks(*model.segment(pixels[b : b + 1], hidden[b][input_ids[b] == seg][None]))[0]

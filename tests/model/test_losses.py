@@ -13,6 +13,7 @@ from perceptio.losses import (
     depth_marker_loss,
     depth_recon_loss,
     depth_token_loss,
+    full_span_codes,
     mask_bce_loss,
     mask_dice_loss,
     text_loss,
@@ -84,6 +85,18 @@ def test_depth_recon_loss_is_zero_for_confident_right_codes_and_differentiable()
     loss.backward()
     assert loss.item() >= 0 and noisy.grad is not None and float(noisy.grad[0, 1 : span + 1, 4:7].abs().sum()) > 0
     assert float(noisy.grad[0, 1 : span + 1, :4].abs().sum()) == 0  # only the code logits take part
+    # the reference decoded beforehand (from full_span_codes) instead of decode: the same loss
+    codes = full_span_codes(targets, code_ids=CODES, span_length=span)
+    assert torch.equal(codes, target_codes)
+    reference = tok.decode(codes.view(-1, 4, 4))
+    ahead = depth_recon_loss(
+        noisy, targets, code_ids=CODES, span_length=span, decode_soft=tok.decode_soft, reference=reference
+    )
+    assert torch.equal(ahead, loss)
+    with pytest.raises(ValueError, match="exactly one of decode or reference"):
+        depth_recon_loss(noisy, targets, **args, reference=reference)
+    with pytest.raises(ValueError, match="compute it from full_span_codes"):
+        depth_recon_loss(noisy, targets, **{**args, "decode": None}, reference=reference[:, :2])
 
 
 def test_span_terms_of_a_batch_are_the_mean_of_each_sequence_alone() -> None:

@@ -310,19 +310,82 @@ def test_two_processes_match_one(strategy: str, world_dir: Path, tmp_path: Path)
 
 
 def test_the_frozen_feature_cache_changes_no_loss(world_dir: Path, tmp_path: Path) -> None:
-    """Cached SAM2 image features (reused once an image comes back) give the uncached run's losses and weights."""
+    """Cached SAM2 image features (reused once an image comes back) give the uncached run's losses and weights,
+    in the training process and in a data worker (which then keeps the cache and reports its figures)."""
     extra = ["run.steps=6", "run.global_batch_size=8", "run.micro_batch_size=8", "run.checkpoint_every=0"]
     runs = {}
-    for megabytes in (0, 64):
-        out = tmp_path / f"cache{megabytes}"
-        overrides = [*_overrides(world_dir, out, *extra), f"run.feature_cache_mb={megabytes}", "run.data_workers=0"]
-        train(load_config(TrainConfig, TINY, overrides), progress=False)
-        runs[megabytes] = out
+    for megabytes, workers in ((0, 0), (64, 0), (64, 1)):
+        out = tmp_path / f"cache{megabytes}-{workers}"
+        overrides = [*_overrides(world_dir, out, *extra), f"run.feature_cache_mb={megabytes}"]
+        train(load_config(TrainConfig, TINY, [*overrides, f"run.data_workers={workers}"]), progress=False)
+        runs[megabytes, workers] = out
     stats = [json.loads((out / "training.json").read_text())["feature_cache"] for out in runs.values()]
     assert stats[0] is None and stats[1]["hits"] > 0 and stats[1]["images"] == stats[1]["misses"]
-    assert _losses(runs[0]) == _losses(runs[64])
+    assert stats[2] == stats[1]  # the worker's cache saw the same images
+    losses = [_losses(out) for out in runs.values()]
+    assert losses[0] == losses[1] == losses[2]
     weights = [load_file(out / "model" / "model.safetensors") for out in runs.values()]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+
+def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir: Path) -> None:
+    """The trainer computes the frozen parts' share of the loss where it prepares a batch (in the data worker):
+    SAM2's features of each row's image alone, and the target codes decoded (unclamped) by the depth tokenizer.
+    The forward pass given them computes the loss terms and gradients it computes on its own, to the bit."""
+    from perceptio.losses import depth_recon_loss
+    from perceptio.train.data import TrainingData, collate
+
+    config = load_config(TrainConfig, TINY, [f"data.root={world_dir}", "model.depth_tokenizer=null"])
+    torch.manual_seed(0)
+    model, processor = build_model(config.model)
+    data = TrainingData.from_config(config.data, model.depth_tokenizer, progress=False)
+    rng = np.random.default_rng(0)
+    examples = [data.example(name, i, rng) for name in ("refseg", "depth", "vqa") for i in range(3)]
+    batch = collate(examples, processor)
+    gt_masks = batch.pop("gt_masks")
+    ids = model.config.resolved_token_ids
+    codes = (batch["labels"] >= ids.code_ids.start) & (batch["labels"] < ids.code_ids.stop)
+    other = torch.randint(ids.code_ids.start, ids.code_ids.stop, (int(codes.sum()),))  # a random tokenizer
+    batch["labels"][codes] = batch["input_ids"][codes] = other  # gives every map one code: make the spans differ
+    frozen = model.frozen_targets(batch["input_ids"], batch["labels"], batch["sam_pixel_values"], gt_masks)
+    assert sorted(frozen.image_features) == [0, 1, 2]  # the referring-segmentation rows, each image alone
+    for b, features in frozen.image_features.items():
+        alone = model.segmenter.get_image_features(batch["sam_pixel_values"][b : b + 1]).fpn_hidden_states
+        assert all(torch.equal(x, y) for x, y in zip(features, alone, strict=True))
+    model.train()
+    runs = []
+    for ahead in (None, frozen):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout
+        output = model(**batch, gt_masks=gt_masks, frozen=ahead)
+        output.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((output.loss_terms, grads))
+    (terms, grads), (terms_ahead, grads_ahead) = runs
+    assert terms["mask_dice"].item() > 0
+    assert all(torch.equal(terms[k], terms_ahead[k]) for k in terms)
+    assert grads.keys() == grads_ahead.keys() and all(torch.equal(grads[k], grads_ahead[k]) for k in grads)
+    # the reconstruction term against the target decoded inside the loss, as the loss alone would
+    tokenizer = model.depth_tokenizer
+    recon = depth_recon_loss(
+        output.logits[:, :-1].detach(),
+        batch["labels"][:, 1:],
+        code_ids=ids.code_ids,
+        span_length=model.config.vocab.span_length,
+        decode_soft=lambda **kw: tokenizer.decode_soft(**kw, clamp=False),
+        decode=lambda codes: tokenizer.decode(codes.view(-1, *model.config.depth_tokenizer.grid), clamp=False),
+    )
+    assert len(frozen.depth_reference) >= 3 and recon.item() > 0  # the depth rows' full spans
+    spans = [row for row in batch["labels"][:, 1:] if ((row >= ids.code_ids.start) & (row < ids.code_ids.stop)).any()]
+    for row, reference in zip(spans, frozen.depth_reference, strict=True):  # each span's own map, in row order
+        alone = tokenizer.decode(
+            (row[(row >= ids.code_ids.start) & (row < ids.code_ids.stop)] - ids.code_ids.start).view(
+                1, *model.config.depth_tokenizer.grid
+            ),
+            clamp=False,
+        )
+        torch.testing.assert_close(reference, alone[0], rtol=0, atol=1e-6)  # alone: another batch size's rounding
+    assert torch.equal(recon, terms_ahead["depth_recon"].detach())
 
 
 def test_a_depth_map_shared_by_several_datasets_is_encoded_once(world_dir: Path) -> None:

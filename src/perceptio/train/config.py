@@ -242,12 +242,14 @@ class RunConfig:
     threads: int | None = None
     """torch CPU threads per process (default: torch's choice)."""
     data_workers: int = 0
-    """Processes that prepare the next steps' batches (drawing, decoding, collating) while the model trains on
-    the current one; 0: prepare each batch in the training process. The batches are the same either way."""
+    """Processes that prepare the next steps' batches (drawing, decoding, collating and, on a CPU in full precision,
+    the frozen parts' share of the loss: SAM2's image features and the decoded target depth) while the model
+    trains on the current one; 0: prepare each batch in the training process. The losses are the same either way."""
     feature_cache_mb: int = 0
     """Keep the frozen SAM2 image encoder's features of recently seen images, up to this many MB, instead of
-    computing them again at every step (0: no cache). Losses do not change; a tiny model over a few thousand images
-    trains faster (about 1 MB per 64-pixel image; about 6 MB at SAM2's 1,024 pixels)."""
+    computing them again at every step (0: no cache), in each process that computes them (a data worker's when it
+    prepares the frozen targets). Losses do not change; a tiny model over a few thousand images trains faster
+    (about 1 MB per 64-pixel image; about 6 MB at SAM2's 1,024 pixels)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "keep_checkpoints", "log_every"):

@@ -26,7 +26,7 @@ import math
 import shutil
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,20 +217,20 @@ def train(
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """This process's batches of each training step from ``start`` on: the names of the datasets drawn, then per
-    micro batch of this rank (chunk index, the examples' tasks, the collated batch with ``gt_masks``, and with
-    ``frozen``: the model's :meth:`~PerceptioForConditionalGeneration.frozen_targets` when ``frozen`` is given).
-    Every example draws from a generator seeded with (seed, step, position), so the batches are the same whichever
-    process prepares them and whenever."""
+    """This process's batches of each training step from ``start`` on: the names of the datasets drawn; per micro
+    batch of this rank, (chunk index, the examples' tasks, the collated batch with ``gt_masks``, and with ``frozen``,
+    its :meth:`~PerceptioForConditionalGeneration.frozen_targets`, when a ``model`` computes them here); and then
+    (the preparing process, its frozen-feature cache's figures), or None. Every example draws from a generator
+    seeded with (seed, step, position), so the batches are the same whichever process prepares them and whenever."""
 
-    def __init__(self, sampler, data, processor, run, rank: int, world: int, start: int, frozen=None) -> None:  # noqa: ANN001
+    def __init__(self, sampler, data, processor, run, rank: int, world: int, start: int, model=None) -> None:  # noqa: ANN001
         self.sampler, self.data, self.processor, self.run = sampler, data, processor, run
-        self.rank, self.world, self.start, self.frozen = rank, world, start, frozen
+        self.rank, self.world, self.start, self.model = rank, world, start, model
 
     def __len__(self) -> int:
         return self.run.steps - self.start
 
-    def __getitem__(self, index: int) -> tuple[list[str], list[tuple[int, list[str], dict]]]:
+    def __getitem__(self, index: int) -> tuple[list[str], list[tuple[int, list[str], dict]], Any]:
         run, step = self.run, self.start + index
         pairs = self.sampler.batch(step, run.global_batch_size)
         chunks = [list(range(k, k + run.micro_batch_size)) for k in range(0, len(pairs), run.micro_batch_size)]
@@ -240,12 +240,16 @@ class _StepBatches(torch.utils.data.Dataset):
                 continue
             examples = [self.data.example(*pairs[p], np.random.default_rng([run.seed, step, p])) for p in chunk]
             batch = collate(examples, self.processor)
-            if self.frozen is not None:
-                batch["frozen"] = self.frozen(
+            if self.model is not None:
+                batch["frozen"] = self.model.frozen_targets(
                     batch["input_ids"], batch["labels"], batch.get("sam_pixel_values"), batch["gt_masks"]
                 )
             mine.append((chunk_index, [e.task for e in examples], batch))
-        return [name for name, _ in pairs], mine
+        cache = None
+        if self.model is not None and self.model.sam_feature_cache is not None:
+            worker = torch.utils.data.get_worker_info()
+            cache = (-1 if worker is None else worker.id, _cache_stats(self.model.sam_feature_cache))
+        return [name for name, _ in pairs], mine, cache
 
     def __iter__(self):  # noqa: ANN204 - in-process preparation, one step at a time
         return (self[i] for i in range(len(self)))
@@ -317,6 +321,9 @@ class _Run:
     writer: Any
     began: float = 0.0
     """When this process's steps began (``time.perf_counter``)."""
+    prepared_cache: dict[int, dict[str, int]] = field(default_factory=dict)
+    """The frozen-feature cache's figures of each process that prepares batches (by data worker, -1: this one)
+    when the frozen targets are computed there."""
 
     @property
     def out_dir(self) -> Path:
@@ -488,8 +495,8 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
     # depth) is computed where the batch is prepared: by the data worker, beside training, as the forward pass
     # would compute it (the same loss). A GPU computes it in the forward pass, under the step's autocast.
     ahead = ctx.device.type == "cpu" and not _bf16(run)
-    frozen = _plain(run.trainable).frozen_targets if ahead else None
-    steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start, frozen)
+    model = _plain(run.trainable) if ahead else None
+    steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start, model)
     prepared = iter(steps) if not cfg.data_workers else iter(steps.loader(cfg.data_workers))
     for step in bar:
         tick = time.perf_counter()
@@ -497,7 +504,9 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
         lr = config.optim.lr * factor
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        names, mine = next(prepared)
+        names, mine, cache = next(prepared)
+        if cache is not None:
+            run.prepared_cache[cache[0]] = cache[1]
         window.drawn.update(names)
         sums, grad_norm = _step(run, step, mine, window)
         window.seconds += time.perf_counter() - tick
@@ -610,7 +619,7 @@ def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str
             "world_size": ctx.world,
             "accumulation": run.accumulation,
             "replica_max_abs_diff": divergence,
-            "feature_cache": _cache_stats(_plain(engine).sam_feature_cache),
+            "feature_cache": _feature_cache_stats(run),
             "final": last_log,
             "eval": last_eval,
         }
@@ -620,6 +629,16 @@ def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str
     if ctx.active:
         dist.barrier()
     return TrainResult(run.out_dir, model_dir, config.run.steps, start, last_log, last_eval)
+
+
+def _feature_cache_stats(run: _Run) -> dict[str, int] | None:
+    """The frozen-feature cache's figures for the whole run: summed over the processes that prepared batches when
+    they computed the frozen targets, else this process's."""
+    if not run.prepared_cache:
+        return _cache_stats(_plain(run.engine).sam_feature_cache)
+    return {
+        key: sum(stats[key] for stats in run.prepared_cache.values()) for key in ("hits", "misses", "images", "bytes")
+    }
 
 
 def _cache_stats(cache: FeatureCache | None) -> dict[str, int] | None:
