@@ -22,6 +22,22 @@ def test_weight_decay_only_on_matrices_and_only_trainable_parameters() -> None:
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), lr=1e-3)
 
 
+def test_the_fused_kernel_updates_as_the_multi_tensor_one_does_to_rounding() -> None:
+    weights = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), fused=fused)
+        assert all(group["fused"] is (True if fused else None) for group in optimizer.param_groups)
+        for step in range(50):
+            model.zero_grad()
+            model(torch.randn(32, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            optimizer.step()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(weights[False], torch.zeros_like(weights[False]))
+    torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=1e-5)
+
+
 def test_warmup_then_cosine() -> None:
     values = [warmup_cosine(s, warmup_steps=4, total_steps=14, min_lr_ratio=0.1) for s in range(16)]
     assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])

@@ -328,11 +328,9 @@ def test_the_frozen_feature_cache_changes_no_loss(world_dir: Path, tmp_path: Pat
     assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
 
 
-def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir: Path) -> None:
-    """The trainer computes the frozen parts' share of the loss where it prepares a batch (in the data worker):
-    SAM2's features of each row's image alone, and the target codes decoded (unclamped) by the depth tokenizer.
-    The forward pass given them computes the loss terms and gradients it computes on its own, to the bit."""
-    from perceptio.losses import depth_recon_loss
+def _mixed_batch(world_dir: Path) -> tuple[PerceptioForConditionalGeneration, dict, list]:
+    """A tiny model from random weights and a collated batch of three samples of referring segmentation, depth
+    and VQA each (without ``gt_masks``, returned apart)."""
     from perceptio.train.data import TrainingData, collate
 
     config = load_config(TrainConfig, TINY, [f"data.root={world_dir}", "model.depth_tokenizer=null"])
@@ -342,7 +340,16 @@ def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir
     rng = np.random.default_rng(0)
     examples = [data.example(name, i, rng) for name in ("refseg", "depth", "vqa") for i in range(3)]
     batch = collate(examples, processor)
-    gt_masks = batch.pop("gt_masks")
+    return model, batch, batch.pop("gt_masks")
+
+
+def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir: Path) -> None:
+    """The trainer computes the frozen parts' share of the loss where it prepares a batch (in the data worker):
+    SAM2's features of each row's image alone, and the target codes decoded (unclamped) by the depth tokenizer.
+    The forward pass given them computes the loss terms and gradients it computes on its own, to the bit."""
+    from perceptio.losses import depth_recon_loss
+
+    model, batch, gt_masks = _mixed_batch(world_dir)
     ids = model.config.resolved_token_ids
     codes = (batch["labels"] >= ids.code_ids.start) & (batch["labels"] < ids.code_ids.stop)
     other = torch.randint(ids.code_ids.start, ids.code_ids.stop, (int(codes.sum()),))  # a random tokenizer
@@ -369,7 +376,7 @@ def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir
     tokenizer = model.depth_tokenizer
     recon = depth_recon_loss(
         output.logits[:, :-1].detach(),
-        batch["labels"][:, 1:],
+        batch["labels"][:, output.logits_start + 1 :],
         code_ids=ids.code_ids,
         span_length=model.config.vocab.span_length,
         decode_soft=lambda **kw: tokenizer.decode_soft(**kw, clamp=False),
@@ -386,6 +393,29 @@ def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir
         )
         torch.testing.assert_close(reference, alone[0], rtol=0, atol=1e-6)  # alone: another batch size's rounding
     assert torch.equal(recon, terms_ahead["depth_recon"].detach())
+
+
+def test_with_labels_the_lm_head_runs_from_the_first_supervised_token_on(world_dir: Path) -> None:
+    """Training reads no logit of the prompt before the batch's first supervised token: the forward pass with
+    labels computes the logits from the position that predicts it on, and its loss terms are those of the whole
+    sequence's logits."""
+    from perceptio.losses import IGNORE_INDEX, text_loss
+    from perceptio.train.loop import _per_sample_text_loss
+
+    model, batch, gt_masks = _mixed_batch(world_dir)
+    model.eval()  # no dropout: the two passes see the same activations
+    with torch.no_grad():
+        full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        output = model(**batch, gt_masks=gt_masks)
+    labels = batch["labels"]
+    first = int((labels != IGNORE_INDEX).any(0).nonzero()[0])
+    assert output.logits_start == first - 1 > 0 and output.logits.shape[1] == labels.shape[1] - first + 1
+    torch.testing.assert_close(output.logits, full[:, first - 1 :], rtol=0, atol=1e-6)
+    ids = model.config.resolved_token_ids
+    whole = text_loss(full[:, :-1], labels[:, 1:], exclude_ids=[ids.depth_start, ids.depth_end, *ids.code_ids])
+    torch.testing.assert_close(output.loss_terms["text"], whole, rtol=1e-6, atol=0)
+    per_sample = _per_sample_text_loss(output.logits, labels, output.logits_start)
+    torch.testing.assert_close(per_sample, _per_sample_text_loss(full, labels), rtol=1e-6, atol=0)
 
 
 def test_a_depth_map_shared_by_several_datasets_is_encoded_once(world_dir: Path) -> None:

@@ -23,6 +23,7 @@ from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2
 from transformers.utils import logging as hf_logging
 
 from perceptio.losses import (
+    IGNORE_INDEX,
     depth_count_loss,
     depth_marker_loss,
     depth_recon_loss,
@@ -185,14 +186,17 @@ class PerceptioOutput:
     Attributes:
         loss: the weighted sum of ``loss_terms`` (None without labels).
         loss_terms: every named term (unweighted), present in every batch (zero when its targets are absent).
-        logits: (B, L, V).
+        logits: (B, L - logits_start, V), the logits of positions ``logits_start`` on.
         mask_logits: per sample, (N_b, h, w) low-resolution logits of its segmentation tokens (None without masks).
+        logits_start: the first position with logits: 0 without labels; with labels, the position before the
+            batch's first supervised token (no loss term reads the logits of the prompt before it).
     """
 
     loss: torch.Tensor | None
     logits: torch.Tensor
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_logits: list[torch.Tensor | None] | None = None
+    logits_start: int = 0
 
 
 @dataclass
@@ -597,12 +601,17 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         Returns:
             A :class:`PerceptioOutput`.
         """
+        start = 0  # with labels, the LM head runs from the position that predicts the first supervised token on
+        if labels is not None:
+            supervised = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+            start = int(supervised[0]) if len(supervised) else labels.shape[1] - 1
         outputs = self.vlm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
             output_hidden_states=True,
             return_dict=True,
+            logits_to_keep=input_ids.shape[1] - start,
         )
         logits = outputs.logits
         if labels is None:
@@ -611,7 +620,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             frozen = self.frozen_targets(input_ids, labels, sam_pixel_values, gt_masks)
         ids = self.config.resolved_token_ids
         span_length = self.config.vocab.span_length
-        step_logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+        step_logits, targets = logits[:, :-1], labels[:, start + 1 :]  # position t predicts token t + 1
         terms = {
             "text": text_loss(step_logits, targets, exclude_ids=[ids.depth_start, ids.depth_end, *ids.code_ids]),
             "depth_token": depth_token_loss(step_logits, targets, code_ids=ids.code_ids),
@@ -634,7 +643,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         terms.update(mask_bce=bce, mask_dice=dice, mask_iou=iou)
         weights = self.config.loss_weights
         loss = sum(weights[name] * value for name, value in terms.items())
-        return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits)
+        return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits, logits_start=start)
 
     @torch.no_grad()
     def frozen_targets(

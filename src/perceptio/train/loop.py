@@ -165,9 +165,10 @@ def _check_resumable(state: dict, config: TrainConfig, digest: str, folder: Path
         )
 
 
-def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy per sample (every target token), for the per-task losses of the log."""
-    targets = labels[:, 1:]
+def _per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Token cross-entropy per sample (every target token), for the per-task losses of the log; ``logits`` are
+    those of positions ``start`` on (``PerceptioOutput.logits_start``)."""
+    targets = labels[:, start + 1 :]
     supervised = targets != IGNORE_INDEX
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)  # 0 where unsupervised
     losses[supervised] = F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="none")
@@ -371,8 +372,9 @@ def _set_up(config: TrainConfig, ctx: Distributed, *, cache_dir: Path | None, sh
             sizes = ", ".join(f"{k} {v}" for k, v in data.sizes().items())
             print(f"data: {sizes}; mixture at step 0: {mixture.weights_at(0)}")
     engine = _distributed_engine(trainable, config, ctx)
+    optim = config.optim
     optimizer = build_optimizer(
-        engine, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=config.optim.betas
+        engine, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, fused=optim.fused
     )
     return _Run(
         config=config,
@@ -555,7 +557,9 @@ def _step(
         for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
             sums[i + 1] += output.loss_terms[name].detach().double().cpu()
         with torch.no_grad():
-            window.add_samples(tasks, _per_sample_text_loss(output.logits, batch["labels"]).cpu().tolist())
+            window.add_samples(
+                tasks, _per_sample_text_loss(output.logits, batch["labels"], output.logits_start).cpu().tolist()
+            )
     if ctx.active:
         dist.all_reduce(sums)
     sums /= run.accumulation * ctx.world
