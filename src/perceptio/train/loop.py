@@ -26,6 +26,7 @@ import math
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from perceptio.utils.checkpoints import (
 )
 from perceptio.utils.distributed import Distributed, setup_distributed
 from perceptio.utils.jsonl import read_jsonl
+from perceptio.utils.packing import pack, unpack
 from perceptio.utils.run_folder import require_same_settings
 from perceptio.utils.runlock import run_lock
 
@@ -255,11 +257,19 @@ class _StepBatches(torch.utils.data.Dataset):
     def __iter__(self):  # noqa: ANN204 - in-process preparation, one step at a time
         return (self[i] for i in range(len(self)))
 
-    def loader(self, workers: int) -> torch.utils.data.DataLoader:
-        """Prepared ahead by ``workers`` processes (two steps each), in step order."""
-        return torch.utils.data.DataLoader(
-            self, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2, worker_init_fn=_one_thread
+    def loader(self, workers: int) -> Iterator[tuple[list[str], list[tuple[int, list[str], dict]], Any]]:
+        """The items prepared ahead by ``workers`` processes (two steps each), in step order. A worker hands an item
+        over packed in one buffer: each tensor handed over on its own would cost this process about 0.2 ms."""
+        loader = torch.utils.data.DataLoader(
+            self,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            prefetch_factor=2,
+            worker_init_fn=_one_thread,
+            collate_fn=pack,
         )
+        return (unpack(packed) for packed in loader)
 
 
 def _one_thread(_: int) -> None:  # a data worker's torch work is small: do not compete with training for cores
@@ -499,7 +509,7 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
     ahead = ctx.device.type == "cpu" and not _bf16(run)
     model = _plain(run.trainable) if ahead else None
     steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start, model)
-    prepared = iter(steps) if not cfg.data_workers else iter(steps.loader(cfg.data_workers))
+    prepared = iter(steps) if not cfg.data_workers else steps.loader(cfg.data_workers)
     for step in bar:
         tick = time.perf_counter()
         factor = warmup_cosine(step, warmup_steps=warmup, total_steps=cfg.steps, min_lr_ratio=config.optim.min_lr_ratio)
