@@ -93,6 +93,26 @@ def test_gradients_reach_the_probabilities_and_logits() -> None:
         tok.decode_soft(torch.rand(1, 63, 16))
 
 
+def test_relus_in_place_give_the_same_values_and_gradients() -> None:
+    """The tokenizer's ReLUs work in place (each follows a convolution): the soft decode's values and gradients,
+    and a training step's, are those of ReLUs that are not."""
+    torch.manual_seed(0)
+    tok = DepthTokenizer(SMALL).eval()  # eval: no EMA update of the codebook between the two passes
+    relus = [m for m in tok.modules() if isinstance(m, torch.nn.ReLU)]
+    assert relus and all(m.inplace for m in relus)
+    logits, maps = torch.randn(3, 64, 16), _maps(3)
+    results = []
+    for inplace in (True, False):
+        for m in relus:
+            m.inplace = inplace
+        tok.zero_grad()
+        x = logits.clone().requires_grad_(True)
+        soft = tok.decode_soft(logits=x)
+        (soft.square().mean() + tok(maps).loss).backward()
+        results.append([soft.detach(), x.grad, *(p.grad for p in tok.parameters() if p.grad is not None)])
+    assert len(results[0]) > 2 and all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_codes_text_round_trip() -> None:
     tok = DepthTokenizer(SMALL).eval()
     codes = tok.encode(_maps(1))[0]
