@@ -81,17 +81,22 @@ def _rate(log: list[dict]) -> float:
 
 
 def report(logs: dict[str, list[list[dict]]], label: str) -> None:
-    """Samples/s per variant (best of its rounds), the ratio to the first, and the first 50 losses side by side."""
+    """Samples/s per variant (best of its rounds, and every round's), the ratio to the first, and the first 50 losses
+    side by side (with the largest difference when they differ)."""
     names = list(logs)
     rates = {name: max(_rate(log) for log in runs) for name, runs in logs.items()}
-    print(f"\n| {label} | samples/s (steps 6 on, best of {len(logs[names[0]])}) | ratio |")
-    print("|---|---|---|")
+    rounds = len(logs[names[0]])
+    print(f"\n| {label} | samples/s (steps 6 on, best of {rounds}) | ratio | every round |")
+    print("|---|---|---|---|")
     for name in names:
-        print(f"| {name} | {rates[name]:.1f} | {rates[name] / rates[names[0]]:.2f}x |")
+        every = ", ".join(f"{_rate(log):.1f}" for log in logs[name])
+        print(f"| {name} | {rates[name]:.1f} | {rates[name] / rates[names[0]]:.2f}x | {every} |")
     first = [line["loss"] for line in logs[names[0]][0]][:50]
     for name in names[1:]:
         other = [line["loss"] for line in logs[name][0]][:50]
-        print(f"losses of {name} identical to {names[0]} (first {len(first)} steps): {other == first}")
+        gap = max((abs(a - b) for a, b in zip(first, other, strict=False)), default=0.0)
+        same = other == first
+        print(f"losses of {name} identical to {names[0]} (first {len(first)} steps): {same} (largest gap {gap:.2g})")
     print("\nstep | " + " | ".join(names))
     for k in range(min(len(first), 50)):
         print(f"{k + 1} | " + " | ".join(f"{logs[name][0][k]['loss']:.6f}" for name in names))
