@@ -505,8 +505,10 @@ def _loop(run: _Run, window: _LogWindow, start: int) -> tuple[dict[str, Any], di
     run.trainable.train()
     # On a CPU in full precision, the frozen parts' share of each loss (SAM2's image features, the decoded target
     # depth) is computed where the batch is prepared: by the data worker, beside training, as the forward pass
-    # would compute it (the same loss). A GPU computes it in the forward pass, under the step's autocast.
-    ahead = ctx.device.type == "cpu" and not _bf16(run)
+    # would compute it (the same loss). A GPU computes it in the forward pass, under the step's autocast, and so
+    # does FSDP, whose sharded weights are gathered only inside the forward pass.
+    sharded = ctx.active and config.run.distributed == "fsdp"
+    ahead = ctx.device.type == "cpu" and not _bf16(run) and not sharded
     model = _plain(run.trainable) if ahead else None
     steps = _StepBatches(run.sampler, run.data, run.processor, cfg, ctx.rank, ctx.world, start, model)
     prepared = iter(steps) if not cfg.data_workers else steps.loader(cfg.data_workers)
