@@ -10,6 +10,7 @@ the training process): the same values, dtypes and shapes, for the price of one 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,37 +36,17 @@ class _Slot:
     index: int
 
 
-def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu" or value.requires_grad:
-            raise ValueError(
-                f"pack takes CPU tensors without gradient, got one on {value.device} "
-                f"(requires_grad={value.requires_grad})"
-            )
-        tensors.append(value)
-        return _Slot(len(tensors) - 1)
+def _map(value: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with ``fn`` applied to every instance of ``leaf`` inside dicts, lists, tuples and dataclasses."""
+    if isinstance(value, leaf):
+        return fn(value)
     if isinstance(value, dict):
-        return {key: _strip(item, tensors) for key, item in value.items()}
+        return {key: _map(item, leaf, fn) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_strip(item, tensors) for item in value)
+        return type(value)(_map(item, leaf, fn) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(
-            value, **{f.name: _strip(getattr(value, f.name), tensors) for f in dataclasses.fields(value) if f.init}
-        )
-    return value
-
-
-def _fill(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if isinstance(value, dict):
-        return {key: _fill(item, tensors) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fill(item, tensors) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(
-            value, **{f.name: _fill(getattr(value, f.name), tensors) for f in dataclasses.fields(value) if f.init}
-        )
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        return dataclasses.replace(value, **{name: _map(getattr(value, name), leaf, fn) for name in fields})
     return value
 
 
@@ -73,7 +54,17 @@ def pack(value: Any) -> Packed:
     """``value`` (tensors inside dicts, lists, tuples and dataclasses, at any depth) with its CPU tensors copied
     into one buffer."""
     tensors: list[torch.Tensor] = []
-    skeleton = _strip(value, tensors)
+
+    def keep(tensor: torch.Tensor) -> _Slot:
+        if tensor.device.type != "cpu" or tensor.requires_grad:
+            raise ValueError(
+                f"pack takes CPU tensors without gradient, got one on {tensor.device} "
+                f"(requires_grad={tensor.requires_grad})"
+            )
+        tensors.append(tensor)
+        return _Slot(len(tensors) - 1)
+
+    skeleton = _map(value, torch.Tensor, keep)
     layout, size = [], 0
     for tensor in tensors:
         layout.append((size, tensor.dtype, tuple(tensor.shape)))
@@ -94,4 +85,4 @@ def unpack(packed: Packed) -> Any:
             count *= side
         nbytes = count * dtype.itemsize
         tensors.append(packed.buffer[offset : offset + nbytes].view(dtype).view(shape))
-    return _fill(packed.skeleton, tensors)
+    return _map(packed.skeleton, _Slot, lambda slot: tensors[slot.index])
