@@ -128,6 +128,17 @@ def test_mask_terms_decode_every_object_of_a_batch_at_once_as_per_image_calls_wo
     assert torch.isfinite(bce) and torch.isfinite(dice)
 
 
+def test_frozen_targets_refuse_masks_without_sam2_pixels(tiny) -> None:  # noqa: ANN001
+    """Target masks need SAM2's pixels to decode against; without them the error names what makes them."""
+    model, _ = tiny
+    input_ids = torch.randint(0, 100, (2, 12))
+    input_ids[0, 3] = model.config.resolved_token_ids.seg
+    with pytest.raises(ValueError, match="gt_masks need sam_pixel_values"):
+        model.frozen_targets(input_ids, input_ids, None, [torch.rand(1, 64, 64) > 0.5, None])
+    blank = model.frozen_targets(input_ids, input_ids, None, [None, None])  # no masks: the zero pass, a blank image
+    assert list(blank.image_features) == [0] and blank.depth_reference is None
+
+
 def test_best_iou_candidate_is_selected() -> None:
     logits = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.float32).view(2, 1, 3, 2, 2)
     iou = torch.tensor([[[0.1, 0.9, 0.3]], [[0.8, 0.1, 0.2]]])
