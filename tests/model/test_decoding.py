@@ -199,6 +199,53 @@ def test_stopping_at_the_segmentation_token_keeps_the_tokens_and_hidden_state_be
         assert len(b.masks) == 1 and np.array_equal(a.masks[0], b.masks[0])
 
 
+@pytest.mark.parametrize("options", [{}, {"constrain": False}, {"spatial_cot": False}])
+def test_the_span_ids_are_every_id_the_grammar_allows_inside_a_span(options: dict) -> None:
+    model, _ = _random_model(0)
+    ids = model.config.resolved_token_ids
+    grammar = SpanGrammar(ids, 4, model.vlm.lm_head.out_features, **options)
+    if options:  # nothing limits a span's ids, or there is no span
+        assert grammar.span_ids is None
+        return
+    inside = torch.arange(1, 4 + 2)  # after 0..4 codes
+    allowed = set(torch.nonzero(grammar.bias(inside) == 0)[:, 1].tolist())
+    assert set(grammar.span_ids.tolist()) == allowed == {*ids.code_ids, ids.depth_end}
+
+
+def test_inside_a_span_the_head_of_the_span_ids_alone_picks_the_whole_heads_token() -> None:
+    """The greedy token from the span ids' rows of the LM head equals the whole vocabulary's argmax under the
+    grammar wherever the state is inside a span; elsewhere (or with a hooked head) the whole head runs."""
+    from transformers import StaticCache
+
+    from perceptio.models.decoding import _Stepper
+
+    model, _ = _random_model(3)
+    vlm, span = model.vlm, 4
+    with torch.no_grad():
+        vlm.lm_head.weight.mul_(10.0)
+    ids = model.config.resolved_token_ids
+    grammar = SpanGrammar(ids, span, vlm.lm_head.out_features)
+    cache = StaticCache(config=vlm.config.get_text_config(), max_cache_len=8)
+    stepper = _Stepper(vlm, cache, grammar, compile=False)
+    assert stepper.ids is not None
+    torch.manual_seed(0)
+    hidden = torch.randn(64, span + 3, vlm.lm_head.in_features)
+    state = torch.arange(span + 3).expand(64, -1)  # every state: before, inside (after 0..span codes), after
+    whole = (vlm.lm_head(hidden) + grammar.bias(state)).argmax(-1)
+    inside = state[0, 1 : span + 2]
+    assert torch.equal(stepper.greedy(hidden[:, 1 : span + 2], inside.expand(64, -1)), whole[:, 1 : span + 2])
+    assert torch.equal(stepper.greedy(hidden, state), whole)  # not all inside: the whole head
+    picked = stepper.greedy(hidden, state, guesses=True)  # guesses outside the span may be any span id
+    assert torch.equal(picked[:, 1 : span + 2], whole[:, 1 : span + 2])
+    assert set(picked.unique().tolist()) <= {*ids.code_ids, ids.depth_end}
+
+    # a hooked head is not a plain head: its whole output decides
+    vlm.lm_head.register_forward_hook(_always(ids.code_ids[1]))
+    hooked = _Stepper(vlm, cache, grammar, compile=False)
+    assert hooked.ids is None
+    assert bool((hooked.greedy(hidden[:, 1 : span + 1], inside[:-1].expand(64, -1)) == ids.code_ids[1]).all())
+
+
 def test_a_changed_token_is_a_divergence_at_a_clear_gap_not_a_tie() -> None:
     model, processor = _random_model(2)
     with torch.no_grad():

@@ -59,28 +59,52 @@ def _prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Stepper:
-    """Feeds tokens to the language model through the static cache and returns float32 logits and hidden states."""
+    """Feeds tokens to the language model through the static cache, and picks the grammar's greedy tokens.
 
-    def __init__(self, vlm, cache: StaticCache, compile: bool) -> None:  # noqa: ANN001 - InternVLForConditionalGeneration
+    Inside a constrained span the grammar allows only the span's ids (its codes and end marker), so the LM head
+    runs on their rows alone there: at a batch of 8 the whole vocabulary's head was a fifth of a SmolLM2 step.
+    """
+
+    def __init__(self, vlm, cache: StaticCache, grammar: SpanGrammar, compile: bool) -> None:  # noqa: ANN001 - InternVLForConditionalGeneration
         self.language_model = vlm.model.language_model
         self.embed = vlm.get_input_embeddings()
         self.head = vlm.lm_head
         self.cache = cache
-        self.run: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
+        self.grammar = grammar
+        self.run: Callable[..., torch.Tensor] = self._forward
         if compile:
             self.run = torch.compile(self._forward, dynamic=False)
+        # only a plain linear head's rows are its logits: an adapter or a hook (peft's trainable token rows, a
+        # test's forcing hook) changes them, and then the whole head runs
+        plain = type(self.head) is torch.nn.Linear and not (self.head._forward_hooks or self.head._forward_pre_hooks)
+        self.ids = grammar.span_ids if plain else None
+        if self.ids is not None:
+            bias = self.head.bias
+            self.ids_head = (
+                self.head.weight.index_select(0, self.ids),
+                None if bias is None else bias.index_select(0, self.ids),
+            )
+            self.ids_rows = grammar.rows[:, self.ids]  # the grammar's bias on those ids
 
-    def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.language_model(
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.language_model(
             inputs_embeds=self.embed(tokens),
             attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
         ).last_hidden_state
-        return self.head(hidden).float(), hidden
+
+    def greedy(self, hidden: torch.Tensor, state: torch.Tensor, *, guesses: bool = False) -> torch.Tensor:
+        """The grammar's greedy token after each last hidden state (..., H) of a sequence in ``state`` (...).
+
+        ``guesses``: only the tokens of states inside a span must be right, the others are guesses.
+        """
+        row = self.grammar.row_of_state[state]
+        if self.ids is not None and (guesses or bool((self.grammar.inside(state) >= 0).all())):
+            scores = torch.nn.functional.linear(hidden, *self.ids_head).float() + self.ids_rows[row]
+            return self.ids[scores.argmax(-1)]
+        return (self.head(hidden).float() + self.grammar.rows[row]).argmax(-1)
 
     def rewind(self, count: int) -> None:
         """Forget the newest ``count`` cached positions (rejected guesses)."""
@@ -135,7 +159,7 @@ def greedy_decode(
     need = prompt_length + max_new_tokens + 1
     capacity = 1 << (need + (max_new_tokens + window if window > 1 else 0) - 1).bit_length()
     cache = StaticCache(config=vlm.config.get_text_config(), max_cache_len=capacity)
-    stepper = _Stepper(vlm, cache, compile)
+    stepper = _Stepper(vlm, cache, grammar, compile)
 
     prefill = vlm(
         input_ids=input_ids,
@@ -146,7 +170,7 @@ def greedy_decode(
         use_cache=True,
         logits_to_keep=1,
     )
-    logits = prefill.logits[:, -1].float()
+    first_logits = prefill.logits[:, -1].float()
     visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # the keys each sequence attends to
     visible[:, :prompt_length] = attention_mask.bool()
     cursor = prompt_length  # next free cache slot (shared by the batch)
@@ -173,7 +197,7 @@ def greedy_decode(
         count = count + where.long()
         return chosen
 
-    chosen = write((logits + grammar.bias(state, first=True)).argmax(-1), torch.ones_like(ended))
+    chosen = write((first_logits + grammar.bias(state, first=True)).argmax(-1), torch.ones_like(ended))
     while True:
         active = ~ended & ~stopped & (count < max_new_tokens)  # sequences that will write more tokens
         # a segmentation token written last (at the budget, or where decoding stops at it) still needs one feed
@@ -201,7 +225,7 @@ def greedy_decode(
             feed, positions, guesses = chosen[:, None], next_position[:, None], None
             visible[:, cursor] = fed
             mask = visible[:, None, None, :]
-        step_logits, hidden = stepper.run(feed, positions, mask)
+        hidden = stepper.run(feed, positions, mask)
         forwards += 1
         if hidden_of_fed is None:
             hidden_of_fed = hidden.new_zeros(batch, max_new_tokens + window, hidden.shape[-1])
@@ -209,7 +233,7 @@ def greedy_decode(
         hidden_of_fed[rows, last] = torch.where(fed[:, None], hidden[:, 0], hidden_of_fed[rows, last])
 
         if width == 1:
-            logits = step_logits[:, 0]
+            last_hidden = hidden[:, 0]
             cursor += 1
             next_position = next_position + 1
         else:
@@ -218,7 +242,8 @@ def greedy_decode(
             for i in range(1, width):
                 path.append(grammar.advance(path[-1], feed[:, i]))
             path = torch.stack(path, dim=1)  # (B, W): state after fed tokens 0..i
-            predicted = (step_logits[:, :-1] + grammar.rows[grammar.row_of_state[path[:, :-1]]]).argmax(-1)
+            # (the guesses that can be accepted lie inside the span; after it, a prediction is only a guess)
+            predicted = stepper.greedy(hidden[:, :-1], path[:, :-1], guesses=True)
             # guess i + 1 is right when it is the greedy token after fed token i and the guesses before it were
             # right; end-of-turn and segmentation-token guesses are left to the one-token path
             right = (predicted == feed[:, 1:]) & (feed[:, 1:] != end_id) & (feed[:, 1:] != seg_id)
@@ -231,7 +256,7 @@ def greedy_decode(
             hidden_of_fed[rows[:, None], slots] = new_hidden
             state = path.gather(1, accepted[:, None])[:, 0]
             count = count + accepted
-            logits = step_logits[rows, accepted]
+            last_hidden = hidden[rows, accepted]
             kept = int(accepted.max()) + 1
             stepper.rewind(width - kept)
             span_slots = torch.arange(cursor, cursor + width, device=device)
@@ -242,7 +267,7 @@ def greedy_decode(
             take = (accepted[:, None] + offsets[None]).clamp(max=width - 2)
             guesses = predicted.gather(1, take)
         active = ~ended & ~stopped & (count < max_new_tokens)
-        chosen = write((logits + grammar.bias(state)).argmax(-1), active)
+        chosen = write(stepper.greedy(last_hidden, state), active)
 
     tokens = tokens[:, :max_new_tokens]
     lengths, seg_hidden = [], []

@@ -33,7 +33,9 @@ class SpanGrammar:
     ``N + 2`` after the span. Every vocabulary id falls in one class (other, start marker, code, end marker);
     ``advance`` looks the next state up in a (states, classes) table, and ``bias`` returns one additive row per
     sequence (0 = allowed, -inf = banned): outside a span no codes and no end marker, inside exactly N codes then
-    the end marker, at most one span.
+    the end marker, at most one span. ``span_ids`` lists every id a constrained span may hold (its codes and end
+    marker; None when spans are not constrained), so a decoder checking guessed span tokens needs the logits of
+    those ids only.
 
     Args:
         token_ids: the perception-token ids.
@@ -103,6 +105,11 @@ class SpanGrammar:
         self.transition = transition.to(device)
         self.rows = torch.zeros(7, vocab_size, dtype=dtype).masked_fill(banned, float("-inf")).to(device)
         self.row_of_state = row_of_state.to(device)
+        # every id a constrained span may hold (its codes, then its end marker); None when nothing constrains it
+        self.span_ids: torch.Tensor | None = None
+        if spatial_cot and constrain:
+            self.span_ids = torch.cat([torch.arange(codes.start, codes.stop), torch.tensor([token_ids.depth_end])])
+            self.span_ids = self.span_ids.to(device)
 
     def initial(self, batch_size: int) -> torch.Tensor:
         """(B,) states of sequences that have generated nothing yet."""
