@@ -8,10 +8,11 @@ For each batch size, the same prompts are decoded greedily under the depth-span 
 - ``loop, span W``: the same with exact parallel decoding of the depth span, W tokens per forward;
 - with ``--compile``, both loops again with ``torch.compile`` of the step (compile time printed apart, not counted).
 
-Printed: ms per query (the best of ``--rounds`` rounds, the modes taking turns), the speed-up over ``generate``, forwards per query (prefill excluded), and the queries
-decoded to the same tokens as ``generate``. A difference is allowed only at a floating-point tie (the two tokens'
-logits within 1e-5 of the logits' scale, where the order of float operations in a batched, padded or compiled
-forward decides); any other difference stops the run as a bug. Models:
+Printed: ms per query (the best of ``--rounds`` rounds, the modes taking turns), the speed-up over ``generate``,
+forwards per query (prefill excluded), and the queries decoded to the same tokens as ``generate``. A difference is
+allowed only at a floating-point tie (the two tokens' logits within 1e-5 of the logits' scale, where the order of
+float operations in a batched, padded or compiled forward decides); any other difference stops the run as a bug.
+Models:
 
 - ``tiny``: the tiny preset with random weights and the paper's 10x10 = 100-code span; every answer opens with
   the span (forced), then text up to the budget (random weights never end their turn);
@@ -19,7 +20,8 @@ forward decides); any other difference stops the run as a bug. Models:
   depth span (8x8), masks and short answers that end their turn, as ``predict`` sees them;
 - ``smol``: the smol preset (SmolLM2-135M language model, random weights), its 64-code span forced first.
 
-    .venv/bin/python bench/generation.py [--model tiny|shipped|smol] [--queries 16] [--window 16] [--compile] [--rounds 1]
+    .venv/bin/python bench/generation.py [--model tiny|shipped|smol] [--queries 16] [--window 16] [--compile] \
+        [--rounds 1]
 """
 
 from __future__ import annotations
