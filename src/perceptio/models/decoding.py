@@ -6,7 +6,8 @@ processors) than in a tiny model. :func:`greedy_decode` keeps only what greedy d
 
 - one prefill through the whole VLM (vision tower included), then steps through the language model alone;
 - a static KV cache (``transformers.StaticCache``) and an attention mask kept as one boolean tensor;
-- the span grammar as precomputed tensors (:class:`~perceptio.models.generation.SpanGrammar`);
+- the span grammar as precomputed tensors (:class:`~perceptio.models.generation.SpanGrammar`), and inside a
+  constrained span the LM head over the span's ids alone (the only ones the grammar allows there);
 - the last hidden state of every fed token kept, so the segmentation-token prompts need no second pass;
 - left-padded batches (position ids as ``generate`` makes them);
 - optionally ``torch.compile`` of the step (fixed shapes thanks to the static cache; it pays off over long
