@@ -395,6 +395,43 @@ def test_frozen_targets_computed_ahead_give_the_forward_passs_own_loss(world_dir
     assert torch.equal(recon, terms_ahead["depth_recon"].detach())
 
 
+def test_the_reconstruction_pass_in_bf16_changes_that_term_alone_and_only_by_rounding(world_dir: Path) -> None:
+    """``recon_dtype=torch.bfloat16`` (``run.recon_precision: bf16``) autocasts the frozen decoder's pass of the
+    soft-merging loss: that term moves by bf16 rounding, every other term stays to the bit, and the gradient
+    keeps its direction."""
+    from perceptio.weights import shipped
+
+    model, batch, gt_masks = _mixed_batch(world_dir)
+    base = PerceptioForConditionalGeneration.from_pretrained(shipped("tiny-base"))
+    model.depth_tokenizer.load_state_dict(base.depth_tokenizer.state_dict())  # a trained decoder: varied maps
+    model.train()
+    runs = []
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        output = model(**batch, gt_masks=gt_masks, recon_dtype=dtype)
+        output.loss_terms["depth_recon"].backward()
+        runs.append((output.loss_terms, model.vlm.lm_head.weight.grad.clone()))
+    (terms, grad), (terms_bf16, grad_bf16) = runs
+    assert all(torch.equal(terms[k], terms_bf16[k]) for k in terms if k != "depth_recon")
+    assert terms_bf16["depth_recon"].dtype == torch.float32
+    recon, recon_bf16 = terms["depth_recon"].item(), terms_bf16["depth_recon"].item()
+    assert recon > 0 and recon_bf16 != recon and abs(recon_bf16 - recon) < 2e-2 * recon
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), grad_bf16.flatten(), dim=0) > 0.99
+
+
+def test_the_recipes_recon_precision_reaches_the_loss(world_dir: Path, tmp_path: Path) -> None:
+    logs = {}
+    for precision in ("step", "bf16"):
+        extra = ["run.steps=1", "run.global_batch_size=8", "run.micro_batch_size=8", "run.log_every=1"]
+        out = tmp_path / precision
+        overrides = _overrides(world_dir, out, *extra, f"run.recon_precision={precision}")
+        train(load_config(TrainConfig, TINY, overrides), progress=False)
+        logs[precision] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["terms"]
+    assert logs["step"]["text"] == logs["bf16"]["text"] and logs["step"]["depth_recon"] > 0
+    assert logs["step"]["depth_recon"] != logs["bf16"]["depth_recon"]
+
+
 def test_with_labels_the_lm_head_runs_from_the_first_supervised_token_on(world_dir: Path) -> None:
     """Training reads no logit of the prompt before the batch's first supervised token: the forward pass with
     labels computes the logits from the position that predicts it on, and its loss terms are those of the whole

@@ -586,6 +586,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         sam_pixel_values: torch.Tensor | None = None,
         gt_masks: list[torch.Tensor | None] | None = None,
         frozen: FrozenTargets | None = None,
+        recon_dtype: torch.dtype | None = None,
     ) -> PerceptioOutput:
         """Run the VLM and, with ``labels``, every named loss term.
 
@@ -597,6 +598,8 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             sam_pixel_values: (B, 3, S, S) SAM2 pixels (needed when any sample has target masks).
             gt_masks: per sample, bool (N_b, H, W) target masks, one per segmentation token in its sequence, or None.
             frozen: :meth:`frozen_targets` of these inputs, when computed beforehand (else computed here).
+            recon_dtype: autocast the soft-merging loss's pass through the frozen depth decoder to this dtype (e.g.
+                ``torch.bfloat16`` on a CPU in fp32); None: the step's own precision.
 
         Returns:
             A :class:`PerceptioOutput`.
@@ -634,7 +637,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
                 code_ids=ids.code_ids,
                 span_length=span_length,
                 # unclamped: a saturated (clamped) decoder output would carry no gradient
-                decode_soft=lambda **kw: self.depth_tokenizer.decode_soft(**kw, clamp=False),
+                decode_soft=lambda **kw: self._decode_soft(recon_dtype, **kw, clamp=False),
                 reference=frozen.depth_reference,
             ),
         }
@@ -644,6 +647,12 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         weights = self.config.loss_weights
         loss = sum(weights[name] * value for name, value in terms.items())
         return PerceptioOutput(loss=loss, logits=logits, loss_terms=terms, mask_logits=mask_logits, logits_start=start)
+
+    def _decode_soft(self, dtype: torch.dtype | None, **kwargs: object) -> torch.Tensor:
+        if dtype is None:
+            return self.depth_tokenizer.decode_soft(**kwargs)
+        with torch.autocast(self.depth_tokenizer.quantizer.codebook.device.type, dtype=dtype):
+            return self.depth_tokenizer.decode_soft(**kwargs).float()
 
     @torch.no_grad()
     def frozen_targets(

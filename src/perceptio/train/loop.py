@@ -553,6 +553,7 @@ def _step(
     config, ctx, engine = run.config, run.ctx, run.engine
     cfg = config.run
     bf16 = _bf16(run)
+    recon_dtype = torch.bfloat16 if cfg.recon_precision == "bf16" else None
     sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
     for j, (chunk_index, tasks, batch) in enumerate(mine):
         gt_masks, frozen = batch.pop("gt_masks"), batch.pop("frozen", None)
@@ -563,7 +564,7 @@ def _step(
             contextlib.nullcontext() if sync else engine.no_sync(),
             torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
-            output = engine(**batch, gt_masks=gt_masks, frozen=frozen)
+            output = engine(**batch, gt_masks=gt_masks, frozen=frozen, recon_dtype=recon_dtype)
             (output.loss / run.accumulation).backward()
         sums[0] += output.loss.detach().double().cpu()
         for i, name in enumerate(DEFAULT_LOSS_WEIGHTS):
