@@ -432,6 +432,17 @@ def test_the_recipes_recon_precision_reaches_the_loss(world_dir: Path, tmp_path:
     assert logs["step"]["depth_recon"] != logs["bf16"]["depth_recon"]
 
 
+def test_recon_precision_auto_takes_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from perceptio.train import loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(loop, "_cpu_has_bf16", lambda has=has_bf16: has)
+        assert loop._recon_dtype("auto", cpu) == (torch.bfloat16 if has_bf16 else None)
+        assert loop._recon_dtype("auto", cuda) is None  # a GPU step is bf16 already, or asked to be fp32
+        assert loop._recon_dtype("bf16", cpu) == torch.bfloat16 and loop._recon_dtype("step", cpu) is None
+
+
 def test_with_labels_the_lm_head_runs_from_the_first_supervised_token_on(world_dir: Path) -> None:
     """Training reads no logit of the prompt before the batch's first supervised token: the forward pass with
     labels computes the logits from the position that predicts it on, and its loss terms are those of the whole

@@ -232,9 +232,10 @@ class RunConfig:
     """Seed of the data order, the answer phrasings and dropout (every draw derives from (seed, step))."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
-    recon_precision: Literal["step", "bf16"] = "step"
+    recon_precision: Literal["step", "bf16", "auto"] = "step"
     """The soft-merging loss's pass through the frozen depth decoder: ``step``, the step's precision; ``bf16``,
-    bf16 autocast even in an fp32 step (on a CPU with bf16 instructions it halves that pass)."""
+    bf16 autocast even in an fp32 step (on a CPU with bf16 instructions it halves that pass); ``auto``, bf16 on a
+    CPU with bf16 instructions (AVX-512 BF16 or AMX), the step's precision elsewhere."""
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass (less memory, more time)."""
     device: str | None = None

@@ -553,7 +553,7 @@ def _step(
     config, ctx, engine = run.config, run.ctx, run.engine
     cfg = config.run
     bf16 = _bf16(run)
-    recon_dtype = torch.bfloat16 if cfg.recon_precision == "bf16" else None
+    recon_dtype = _recon_dtype(cfg.recon_precision, ctx.device)
     sums = torch.zeros(len(DEFAULT_LOSS_WEIGHTS) + 1, dtype=torch.float64)
     for j, (chunk_index, tasks, batch) in enumerate(mine):
         gt_masks, frozen = batch.pop("gt_masks"), batch.pop("frozen", None)
@@ -588,6 +588,19 @@ def _step(
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm
+
+
+def _recon_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the soft-merging loss's decoder pass autocasts to (``run.recon_precision``); None: the step's."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cpu" and _cpu_has_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    # without these instructions a bf16 convolution is emulated, slower than fp32
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def _bf16(run: _Run) -> bool:
