@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROW = re.compile(r"^\s*2 (?P<mode>.+?)\s+(?P<ms>[\d.]+)\s+(?P<speed>[\d.]+)x\s+(?P<forwards>[\d.]+)\s+(?P<same>\d+)/2")
 
 
+@pytest.mark.slow
 def test_generation_benchmark_prints_every_mode_with_its_speed_up_and_agreement() -> None:
     command = [sys.executable, str(BENCH / "generation.py"), "--model", "tiny", "--queries", "2"]
     command += ["--batch-sizes", "2", "--window", "8", "--rounds", "2"]
