@@ -106,10 +106,8 @@ class SpanGrammar:
         self.rows = torch.zeros(7, vocab_size, dtype=dtype).masked_fill(banned, float("-inf")).to(device)
         self.row_of_state = row_of_state.to(device)
         # every id a constrained span may hold (its codes, then its end marker); None when nothing constrains it
-        self.span_ids: torch.Tensor | None = None
-        if spatial_cot and constrain:
-            self.span_ids = torch.cat([torch.arange(codes.start, codes.stop), torch.tensor([token_ids.depth_end])])
-            self.span_ids = self.span_ids.to(device)
+        span_ids = torch.cat([torch.arange(codes.start, codes.stop), torch.tensor([token_ids.depth_end])])
+        self.span_ids = span_ids.to(device) if spatial_cot and constrain else None
 
     def initial(self, batch_size: int) -> torch.Tensor:
         """(B,) states of sequences that have generated nothing yet."""

@@ -19,6 +19,7 @@ Run folder (``run.out_dir``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -597,6 +598,7 @@ def _recon_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+@functools.cache
 def _cpu_has_bf16() -> bool:
     # without these instructions a bf16 convolution is emulated, slower than fp32
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
