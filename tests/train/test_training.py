@@ -432,6 +432,13 @@ def test_the_recipes_recon_precision_reaches_the_loss(world_dir: Path, tmp_path:
     assert logs["step"]["depth_recon"] != logs["bf16"]["depth_recon"]
 
 
+def test_a_wrong_recon_precision_is_refused_naming_the_field_and_the_choices(world_dir: Path, tmp_path: Path) -> None:
+    from perceptio.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run\.recon_precision: 'fp16' is not one of \['step', 'bf16', 'auto'\]"):
+        load_config(TrainConfig, TINY, _overrides(world_dir, tmp_path, "run.recon_precision=fp16"))
+
+
 def test_recon_precision_auto_takes_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     from perceptio.train import loop
 
