@@ -33,6 +33,7 @@ from perceptio.losses import (
     mask_dice_loss,
     text_loss,
 )
+from perceptio.models.attention import use_grouped_sdpa
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.models.decoding import greedy_decode
 from perceptio.models.feature_cache import FeatureCache
@@ -248,6 +249,7 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         used as they are, not re-initialised."""
         super().__init__(config)
         self.vlm = vlm if vlm is not None else InternVLForConditionalGeneration(config.vlm_config)
+        use_grouped_sdpa(self.vlm.model.language_model.config)  # SDPA without copied key/value heads on a CPU
         self.segmenter = segmenter if segmenter is not None else Sam2Model(config.segmenter_config)
         config.segmenter_config.mask_decoder_config.dynamic_multimask_via_stability = False  # see models.sam2
         without_stability_swap(self.segmenter)
