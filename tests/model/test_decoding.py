@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from perceptio import Perceptio
-from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor, decoding
 from perceptio.models.decoding import Decoded, divergences, greedy_decode, reference_decode
 from perceptio.models.generation import SpanGrammar
 
@@ -80,18 +80,28 @@ def shipped() -> Perceptio:
     return Perceptio.from_pretrained("tiny-perceptio", device="cpu")
 
 
-def test_loop_matches_generate_on_the_trained_model_whose_answers_end(shipped: Perceptio) -> None:
+def test_loop_matches_generate_on_the_trained_model_whose_answers_end(shipped: Perceptio, monkeypatch) -> None:  # noqa: ANN001
     from perceptio.data.synthetic.world import WorldConfig, render_world_scene
 
     images = [Image.fromarray(render_world_scene(3, i, WorldConfig()).rendering.rgb) for i in range(4)]
     model, processor = shipped.model, shipped.processor
     budget = model.config.vocab.span_length + 34
+    groups: list[list[int]] = []  # the sequences of each forward that left others out
+    run_rows = decoding._Stepper.run_rows
+    monkeypatch.setattr(
+        decoding._Stepper, "run_rows", lambda self, rows, *a: groups.append(rows.tolist()) or run_rows(self, rows, *a)
+    )
     for window in (1, 3, 8):
+        groups.clear()
         reference, loop, inputs = _both(model, processor, images, PROMPTS, budget=budget, window=window)
         _assert_same(reference, loop, inputs, processor.text_tokenizer.pad_token_id, ties=window > 1)
         assert min(loop.lengths) < budget  # the trained model ends its turns: the end-of-turn path is exercised
         if window > 1:
             assert loop.forwards < max(loop.lengths)  # fewer forwards than tokens: the span went in parallel
+            # sequences past their span (or done) sat span forwards out, which the others ran alone
+            assert groups and all(0 < len(g) < len(images) for g in groups)
+        else:
+            assert not groups
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -13,7 +13,9 @@ processors) than in a tiny model. :func:`greedy_decode` keeps only what greedy d
 - optionally ``torch.compile`` of the step (fixed shapes thanks to the static cache; it pays off over long
   evaluations, not for a handful of queries: compiling takes tens of seconds);
 - optionally exact parallel decoding of the depth span (``jacobi=W``): inside a span, W tokens are guessed,
-  checked in one forward, and accepted up to the first wrong guess, so the output is the greedy one.
+  checked in one forward, and accepted up to the first wrong guess, so the output is the greedy one. Sequences
+  already past their span wait while the others finish theirs: those W-token forwards run on the sequences that
+  use them alone.
 
 The output is the same, token for token, as ``generate(do_sample=False)`` with
 :class:`~perceptio.models.generation.DepthSpanLogitsProcessor` (tests compare the two, constrained and not,
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, StaticCache
+from transformers import Cache, LogitsProcessorList, StaticCache
 
 from perceptio.models.generation import DepthSpanLogitsProcessor, SpanGrammar
 
@@ -51,6 +53,27 @@ class Decoded:
     lengths: list[int]
     seg_hidden: list[torch.Tensor] | None
     forwards: int
+
+
+class _RowView(Cache):
+    """Some sequences of a static cache, for a forward of those sequences alone: each layer hands attention their
+    keys and values and writes the new ones into their rows, at the cache's next slots (shared by the batch)."""
+
+    def __init__(self, cache: StaticCache, rows: torch.Tensor) -> None:
+        super().__init__(layers=cache.layers)
+        self.rows = rows
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        count = key_states.shape[-2]
+        slots = layer.cumulative_length + torch.arange(count, device=key_states.device)
+        layer.cumulative_length.add_(count)
+        rows = self.rows[:, None]
+        layer.keys[rows, :, slots] = key_states.transpose(1, 2)  # (rows, slots, heads, dim)
+        layer.values[rows, :, slots] = value_states.transpose(1, 2)
+        return layer.keys.index_select(0, self.rows), layer.values.index_select(0, self.rows)
 
 
 def _prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -88,13 +111,25 @@ class _Stepper:
             self.ids_rows = grammar.rows[:, self.ids]  # the grammar's bias on those ids
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._through(self.cache, tokens, positions, mask)
+
+    def _through(self, cache: Cache, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.language_model(
             inputs_embeds=self.embed(tokens),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
+            past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
+
+    def run_rows(
+        self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward of the sequences ``rows`` alone (uncompiled); (B, W, H) hidden states, zeros elsewhere."""
+        hidden = self._through(_RowView(self.cache, rows), tokens[rows], positions[rows], mask[rows])
+        full = hidden.new_zeros(tokens.shape[0], *hidden.shape[1:])
+        full[rows] = hidden
+        return full
 
     def greedy(self, hidden: torch.Tensor, state: torch.Tensor, *, guesses: bool = False) -> torch.Tensor:
         """The grammar's greedy token after each last hidden state (..., H) of a sequence in ``state`` (...).
@@ -149,7 +184,10 @@ def greedy_decode(
     the rejected guesses, as in Jacobi iteration). A guess is accepted when it equals the greedy prediction after
     the accepted tokens before it, so the output cannot change; each sequence accepts its own number. Cache slots
     of rejected guesses stay allocated but are masked out for that sequence (and reused when no sequence kept
-    them), which changes nothing in the attention: masked keys add exact zeros.
+    them), which changes nothing in the attention: masked keys add exact zeros. Sequences past their span (and
+    those that are done) sit these W-token forwards out: the forward runs on the other sequences alone (the
+    uncompiled step; a compiled one keeps the whole batch, whose shapes it was compiled for), and they go on
+    when no sequence is inside a span any more, one token per forward, as they would have.
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -214,6 +252,12 @@ def greedy_decode(
             limit = torch.where(active & (codes >= 0), limit, 0)
             room = cursor + window + int((max_new_tokens - count).max()) <= capacity  # else no slots for holes
             width = window if room and bool(limit.any()) else 1
+        group = None  # the sequences of a W-token forward, when not the whole batch
+        if width > 1 and not compile:
+            waiting = fed & (state == grammar.after)  # past the span: wait for the others' spans
+            if bool(waiting.any()) or not bool(fed.all()):
+                fed = fed & ~waiting
+                group = fed.nonzero()[:, 0]
         if width > 1:
             if guesses is None:
                 guesses = chosen[:, None].repeat(1, width - 1)  # first guess: the token repeats
@@ -226,7 +270,7 @@ def greedy_decode(
             feed, positions, guesses = chosen[:, None], next_position[:, None], None
             visible[:, cursor] = fed
             mask = visible[:, None, None, :]
-        hidden = stepper.run(feed, positions, mask)
+        hidden = stepper.run(feed, positions, mask) if group is None else stepper.run_rows(group, feed, positions, mask)
         forwards += 1
         if hidden_of_fed is None:
             hidden_of_fed = hidden.new_zeros(batch, max_new_tokens + window, hidden.shape[-1])
@@ -236,7 +280,7 @@ def greedy_decode(
         if width == 1:
             last_hidden = hidden[:, 0]
             cursor += 1
-            next_position = next_position + 1
+            next_position = next_position + fed.long()
         else:
             # the grammar states along the fed path, and the greedy token after each fed token
             path = [state]
@@ -263,12 +307,12 @@ def greedy_decode(
             span_slots = torch.arange(cursor, cursor + width, device=device)
             visible[:, cursor : cursor + width] &= span_slots[None] <= cursor + accepted[:, None]  # rejected: masked
             cursor += kept
-            next_position = next_position + 1 + accepted
+            next_position = next_position + fed.long() * (1 + accepted)
             # Jacobi: what was predicted after the first rejected guess on is the next set of guesses
             take = (accepted[:, None] + offsets[None]).clamp(max=width - 2)
             guesses = predicted.gather(1, take)
         active = ~ended & ~stopped & (count < max_new_tokens)
-        chosen = write(stepper.greedy(last_hidden, state), active)
+        chosen = torch.where(fed, write(stepper.greedy(last_hidden, state), active & fed), chosen)
 
     tokens = tokens[:, :max_new_tokens]
     lengths, seg_hidden = [], []
