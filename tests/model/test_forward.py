@@ -100,3 +100,30 @@ def test_tiny_model_overfits_one_batch_of_each_task() -> None:
         optimizer.step()
     last = total().item()
     assert last < 0.1 * first, (first, last)
+
+
+def test_a_right_padded_batch_drops_its_padding_mask_and_keeps_every_loss_term(monkeypatch) -> None:  # noqa: ANN001
+    from perceptio.models import modeling_perceptio
+
+    unless = modeling_perceptio._unless_right_padded
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert unless(right) is None and unless(None) is None and unless(torch.ones(2, 4, dtype=torch.long)) is None
+    left, holed = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]])
+    assert unless(left) is left and unless(holed) is holed  # causal attention alone would read their padding
+
+    model, processor = _model()
+    model.train()
+    images = [_image(1), _image(2), _image(3)]
+    span = model.config.vocab.render_depth_span(np.random.default_rng(0).integers(0, 32, (8, 8)))
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 10:40, 20:50] = True
+    batch = processor(images, ["What color?", "Please segment the cube.", "Depth?"], ["red", "Sure, [SEG].", span])
+    assert not bool(batch["attention_mask"].all())  # padded, on the right
+    torch.manual_seed(0)
+    dropped = model(**batch, gt_masks=[None, mask, None])
+    monkeypatch.setattr(modeling_perceptio, "_unless_right_padded", lambda attention_mask: attention_mask)
+    torch.manual_seed(0)
+    masked = model(**batch, gt_masks=[None, mask, None])
+    for name, value in masked.loss_terms.items():
+        torch.testing.assert_close(dropped.loss_terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert float(masked.loss_terms["text"]) > 0 and float(masked.loss_terms["mask_dice"]) > 0

@@ -55,6 +55,16 @@ __all__ = [
 ]
 
 
+def _unless_right_padded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a (B, L) mask whose sequences all start at position 0 and end in padding only (right padding), where
+    a causal language model's outputs at the real tokens do not depend on it; else the mask."""
+    if attention_mask is None:
+        return None
+    starts = bool(attention_mask[:, 0].all())
+    right_padded = starts and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return None if right_padded else attention_mask
+
+
 class WeightsMismatchError(CheckpointMismatchError):
     """Saved weights that do not fit the model their ``config.json`` builds: tensors missing from the files,
     tensors the model does not have, or tensors of another shape.
@@ -612,7 +622,9 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
             start = int(supervised[0]) if len(supervised) else labels.shape[1] - 1
         outputs = self.vlm(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            # training batches are right-padded: causal attention alone gives every real token the keys the padding
+            # mask would, so SDPA runs its causal kernel instead of reading a (B, 1, L, L) mask (2 % of a tiny step)
+            attention_mask=_unless_right_padded(attention_mask) if labels is not None else attention_mask,
             pixel_values=pixel_values,
             output_hidden_states=True,
             return_dict=True,
