@@ -17,6 +17,10 @@ Terms:
 * ``depth_recon``: MSE between the depth decoded from the soft (probability-weighted) codes and the depth
   decoded from the target codes, through the frozen tokenizer decoder (soft merging);
 * ``mask_bce`` / ``mask_dice``: sigmoid BCE and Dice (smoothing 1) of mask logits against binary masks.
+
+:func:`sequence_loss_terms` computes the five sequence terms together, as the training forward does: the same
+values, from one gather of the supervised positions instead of one boolean indexing of the logits per term
+(each of which costs a gradient buffer the size of the logits in the backward pass).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "full_span_codes",
     "mask_bce_loss",
     "mask_dice_loss",
+    "sequence_loss_terms",
     "text_loss",
 ]
 
@@ -161,6 +166,82 @@ def depth_recon_loss(
             f"{tuple(predicted.shape)}; compute it from full_span_codes of the same targets"
         )
     return F.mse_loss(predicted, reference)
+
+
+def sequence_loss_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    code_ids: range,
+    start_id: int,
+    end_id: int,
+    span_length: int,
+    decode_soft: Callable[..., torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """``text``, ``depth_token``, ``depth_marker``, ``depth_count`` and ``depth_recon`` at once: the values of
+    :func:`text_loss` (the depth-span ids excluded), :func:`depth_token_loss`, :func:`depth_marker_loss`,
+    :func:`depth_count_loss` and :func:`depth_recon_loss` with the same arguments, up to float rounding.
+
+    The supervised positions are gathered once, code positions first (in sequence order), and every term reads
+    its rows from there; the probability of "any code" in the count term is ``exp(logsumexp(code logits) -
+    logsumexp(logits))``, the sum of those softmax entries.
+    """
+    batch, length, _ = logits.shape
+    zero = _zero(logits)
+    is_code = _code_positions(targets, code_ids)
+    code_at = is_code.flatten().nonzero()[:, 0]  # flat (b * T + t) positions, in sequence order
+    other_at = ((targets != IGNORE_INDEX) & ~is_code).flatten().nonzero()[:, 0]
+    rows = logits.flatten(0, 1).index_select(0, torch.cat([code_at, other_at])).float()
+    codes, others = rows[: len(code_at)], rows[len(code_at) :]
+
+    other_targets = targets.flatten()[other_at]
+    other_nll = -torch.log_softmax(others, dim=-1).gather(1, other_targets[:, None])[:, 0]
+    at_start, at_end = other_targets == start_id, other_targets == end_id
+    at_text = ~(at_start | at_end)
+    terms = {"text": other_nll[at_text].mean() if bool(at_text.any()) else zero}
+    markers = [other_nll[at].mean() for at in (at_start, at_end) if bool(at.any())]
+    terms["depth_marker"] = torch.stack(markers).mean() if markers else zero
+    if not len(code_at):
+        return {**terms, "depth_token": zero, "depth_count": zero, "depth_recon": zero}
+
+    code_logits = codes[:, code_ids.start : code_ids.stop]
+    code_targets = targets.flatten()[code_at] - code_ids.start
+    terms["depth_token"] = -torch.log_softmax(code_logits, dim=-1).gather(1, code_targets[:, None]).mean()
+
+    code_row, end_row = code_at // length, other_at[at_end] // length
+    codes_per_row = torch.bincount(code_row, minlength=batch)
+    ends_per_row = torch.bincount(end_row, minlength=batch)
+    spans = (codes_per_row > 0) & (ends_per_row > 0)  # the sequences with a span
+    terms["depth_count"] = zero
+    if bool(spans.any()):
+        any_code = (torch.logsumexp(code_logits, dim=-1) - torch.logsumexp(codes, dim=-1)).exp()
+        code_mass = any_code.new_zeros(batch).index_add(0, code_row, any_code)
+        end_nll = any_code.new_zeros(batch).index_add(0, end_row, other_nll[at_end])
+        per_span = (code_mass - span_length).abs() / span_length + end_nll / ends_per_row.clamp_min(1)
+        terms["depth_count"] = per_span[spans].mean()
+
+    full = codes_per_row == span_length
+    terms["depth_recon"] = zero
+    if bool(full.any()):
+        if (decode is None) == (reference is None):
+            raise ValueError("the targets hold a full depth span: pass exactly one of decode or reference")
+        in_full = full[code_row]
+        span_logits = code_logits if bool(in_full.all()) else code_logits[in_full]
+        spans_count = int(full.sum())
+        predicted = decode_soft(logits=span_logits.reshape(spans_count, span_length, -1), temperature=temperature)
+        if reference is None:
+            with torch.no_grad():
+                reference = decode(full_span_codes(targets, code_ids=code_ids, span_length=span_length))  # type: ignore[misc, arg-type]
+        if reference.shape != predicted.shape:
+            raise ValueError(
+                f"the reference depth has shape {tuple(reference.shape)}, the {spans_count} full span(s) decode to "
+                f"{tuple(predicted.shape)}; compute it from full_span_codes of the same targets"
+            )
+        terms["depth_recon"] = F.mse_loss(predicted, reference)
+    return terms
 
 
 def mask_bce_loss(mask_logits: torch.Tensor, masks: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:

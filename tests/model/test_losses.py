@@ -16,6 +16,7 @@ from perceptio.losses import (
     full_span_codes,
     mask_bce_loss,
     mask_dice_loss,
+    sequence_loss_terms,
     text_loss,
 )
 from perceptio.tokenizers.depth import DepthTokenizer, DepthTokenizerConfig
@@ -102,10 +103,10 @@ def test_depth_recon_loss_is_zero_for_confident_right_codes_and_differentiable()
 def test_span_terms_of_a_batch_are_the_mean_of_each_sequence_alone() -> None:
     """depth_count and depth_recon average per-span terms: a batch gives the mean over its sequences with a (full)
     span, each as if alone, whatever the spans' positions and the sequences without one."""
+    torch.manual_seed(0)  # before the tokenizer's random weights: a test whose values do not depend on the order
     config = DepthTokenizerConfig(input_size=8, channels=(8, 8), num_res_blocks=0, code_dim=4, num_codes=3)
     tok = DepthTokenizer(config).eval().requires_grad_(False)
     span = config.num_tokens  # 2x2 grid = 4 codes
-    torch.manual_seed(0)
     targets = torch.full((5, 12), X)
     for b, (at, length) in enumerate([(0, span), (3, span), (2, 2), (6, span)]):  # sequence 4: no span at all
         targets[b, at] = START
@@ -121,9 +122,12 @@ def test_span_terms_of_a_batch_are_the_mean_of_each_sequence_alone() -> None:
         "decode": lambda c: tok.decode(c.view(-1, 2, 2)),
     }
     alone = [depth_count_loss(logits[b : b + 1], targets[b : b + 1], **count) for b in range(4)]
-    assert depth_count_loss(logits, targets, **count).item() == pytest.approx(torch.stack(alone).mean().item())
+    # (rel 1e-5: a batched decoder pass adds in another order than three single ones)
+    batched = depth_count_loss(logits, targets, **count).item()
+    assert batched == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5)
     full = [depth_recon_loss(logits[b : b + 1], targets[b : b + 1], **recon) for b in (0, 1, 3)]  # 2: 2 codes only
-    assert depth_recon_loss(logits, targets, **recon).item() == pytest.approx(torch.stack(full).mean().item())
+    batched = depth_recon_loss(logits, targets, **recon).item()
+    assert batched == pytest.approx(torch.stack(full).mean().item(), rel=1e-5)
 
 
 def test_mask_losses_by_hand() -> None:
@@ -152,3 +156,58 @@ def test_every_term_is_zero_but_attached_when_its_targets_are_absent() -> None:
         assert term.item() == 0.0 and term.requires_grad
     sum(terms).backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def _separate_terms(logits: torch.Tensor, targets: torch.Tensor, **recon: object) -> dict[str, torch.Tensor]:
+    span = {"code_ids": CODES, "span_length": recon["span_length"]}
+    return {
+        "text": text_loss(logits, targets, exclude_ids=[START, END, *CODES]),
+        "depth_token": depth_token_loss(logits, targets, code_ids=CODES),
+        "depth_marker": depth_marker_loss(logits, targets, start_id=START, end_id=END),
+        "depth_count": depth_count_loss(logits, targets, end_id=END, **span),  # type: ignore[arg-type]
+        "depth_recon": depth_recon_loss(logits, targets, **recon),  # type: ignore[arg-type]
+    }
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_fused_sequence_terms_equal_the_separate_terms_with_their_gradients(seed: int) -> None:
+    """Random batches of full and partial spans (with or without an end marker), text around them, markers alone,
+    sequences with nothing supervised: every term and the logits' gradient as the five functions give them."""
+    config = DepthTokenizerConfig(input_size=8, channels=(8, 8), num_res_blocks=0, code_dim=4, num_codes=3)
+    tok = DepthTokenizer(config).eval().requires_grad_(False)
+    span = config.num_tokens  # 2x2 grid = 4 codes
+    generator = torch.Generator().manual_seed(seed)
+    batch, length = int(torch.randint(1, 7, (1,), generator=generator)), 14
+    targets = torch.full((batch, length), X)
+    for b in range(batch):
+        kind = int(torch.randint(0, 6, (1,), generator=generator))
+        at = int(torch.randint(0, 4, (1,), generator=generator))
+        targets[b, :at] = torch.tensor([0, 1, 7, 0][:at])  # some text first
+        if kind == 5:
+            continue  # text only (or nothing)
+        codes = {0: span, 1: span, 2: 2, 3: span, 4: 0}[kind]
+        targets[b, at] = START
+        targets[b, at + 1 : at + 1 + codes] = torch.randint(CODES.start, CODES.stop, (codes,), generator=generator)
+        if kind != 3:  # 3: a full span that does not end
+            targets[b, at + 1 + codes] = END
+            targets[b, at + 2 + codes : at + 4 + codes] = 1
+    logits = (3 * torch.randn(batch, length, V, generator=generator)).requires_grad_(True)
+    recon = {"code_ids": CODES, "span_length": span, "decode_soft": tok.decode_soft}
+    full = full_span_codes(targets, code_ids=CODES, span_length=span)
+    reference = None if full is None else tok.decode(full.view(-1, 2, 2))
+    fused = sequence_loss_terms(logits, targets, start_id=START, end_id=END, reference=reference, **recon)
+    separate = _separate_terms(logits, targets, decode=lambda c: tok.decode(c.view(-1, 2, 2)), **recon)
+    assert fused.keys() == separate.keys()
+    for name, value in separate.items():
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert fused[name].requires_grad
+    (fused_grad,) = torch.autograd.grad(sum(fused.values()), logits)
+    (separate_grad,) = torch.autograd.grad(sum(separate.values()), logits)
+    torch.testing.assert_close(fused_grad, separate_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_sequence_terms_refuse_what_depth_recon_loss_refuses() -> None:
+    targets = torch.tensor([[START, 4, 5, END]])
+    args = {"code_ids": CODES, "start_id": START, "end_id": END, "span_length": 2, "decode_soft": lambda **kw: kw}
+    with pytest.raises(ValueError, match="exactly one of decode or reference"):
+        sequence_loss_terms(torch.randn(1, 4, V), targets, **args)  # type: ignore[arg-type]

@@ -22,17 +22,7 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
 from transformers.utils import logging as hf_logging
 
-from perceptio.losses import (
-    IGNORE_INDEX,
-    depth_count_loss,
-    depth_marker_loss,
-    depth_recon_loss,
-    depth_token_loss,
-    full_span_codes,
-    mask_bce_loss,
-    mask_dice_loss,
-    text_loss,
-)
+from perceptio.losses import IGNORE_INDEX, full_span_codes, mask_bce_loss, mask_dice_loss, sequence_loss_terms
 from perceptio.models.attention import use_grouped_sdpa
 from perceptio.models.configuration_perceptio import PerceptioConfig
 from perceptio.models.decoding import greedy_decode
@@ -638,23 +628,17 @@ class PerceptioForConditionalGeneration(PreTrainedModel):
         ids = self.config.resolved_token_ids
         span_length = self.config.vocab.span_length
         step_logits, targets = logits[:, :-1], labels[:, start + 1 :]  # position t predicts token t + 1
-        terms = {
-            "text": text_loss(step_logits, targets, exclude_ids=[ids.depth_start, ids.depth_end, *ids.code_ids]),
-            "depth_token": depth_token_loss(step_logits, targets, code_ids=ids.code_ids),
-            "depth_marker": depth_marker_loss(step_logits, targets, start_id=ids.depth_start, end_id=ids.depth_end),
-            "depth_count": depth_count_loss(
-                step_logits, targets, code_ids=ids.code_ids, end_id=ids.depth_end, span_length=span_length
-            ),
-            "depth_recon": depth_recon_loss(
-                step_logits,
-                targets,
-                code_ids=ids.code_ids,
-                span_length=span_length,
-                # unclamped: a saturated (clamped) decoder output would carry no gradient
-                decode_soft=lambda **kw: self._decode_soft(recon_dtype, **kw, clamp=False),
-                reference=frozen.depth_reference,
-            ),
-        }
+        terms = sequence_loss_terms(
+            step_logits,
+            targets,
+            code_ids=ids.code_ids,
+            start_id=ids.depth_start,
+            end_id=ids.depth_end,
+            span_length=span_length,
+            # unclamped: a saturated (clamped) decoder output would carry no gradient
+            decode_soft=lambda **kw: self._decode_soft(recon_dtype, **kw, clamp=False),
+            reference=frozen.depth_reference,
+        )
         hidden = outputs.hidden_states[-1]
         mask_logits, bce, dice, iou = self._mask_terms(hidden, input_ids, frozen.image_features, gt_masks)
         terms.update(mask_bce=bce, mask_dice=dice, mask_iou=iou)
