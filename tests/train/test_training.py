@@ -322,6 +322,10 @@ def test_the_frozen_feature_cache_changes_no_loss(world_dir: Path, tmp_path: Pat
     stats = [json.loads((out / "training.json").read_text())["feature_cache"] for out in runs.values()]
     assert stats[0] is None and stats[1]["hits"] > 0 and stats[1]["images"] == stats[1]["misses"]
     assert stats[2] == stats[1]  # the worker's cache saw the same images
+    from perceptio.train.loop import _cpu_has_bf16  # the tiny recipe's recon_precision: auto, as resolved here
+
+    resolved = json.loads((runs[0, 0] / "training.json").read_text())["recon_precision"]
+    assert resolved == ("bf16" if _cpu_has_bf16() else "step")
     losses = [_losses(out) for out in runs.values()]
     assert losses[0] == losses[1] == losses[2]
     weights = [load_file(out / "model" / "model.safetensors") for out in runs.values()]

@@ -653,6 +653,8 @@ def _finish(run: _Run, start: int, last_log: dict[str, Any], last_eval: dict[str
             "accumulation": run.accumulation,
             "replica_max_abs_diff": divergence,
             "feature_cache": _feature_cache_stats(run),
+            # what run.recon_precision resolved to on this machine ("auto" depends on the CPU)
+            "recon_precision": "step" if _recon_dtype(config.run.recon_precision, ctx.device) is None else "bf16",
             "final": last_log,
             "eval": last_eval,
         }
