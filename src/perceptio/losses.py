@@ -151,12 +151,26 @@ def depth_recon_loss(
     full = codes.sum(1) == span_length
     if not bool(full.any()):
         return _zero(logits)
+    codes &= full[:, None]  # one indexing for every full span (see depth_count_loss)
+    code_logits = logits[codes][:, code_ids.start : code_ids.stop].reshape(int(full.sum()), span_length, -1).float()
+    return _soft_merging_mse(code_logits, targets, code_ids, decode_soft, decode, reference, temperature)
+
+
+def _soft_merging_mse(
+    span_logits: torch.Tensor,
+    targets: torch.Tensor,
+    code_ids: range,
+    decode_soft: Callable[..., torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    reference: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """MSE between the soft-merged decode of the full spans' code logits (M, N, K) and the depth decoded from their
+    target codes (``reference``, or ``decode`` of :func:`full_span_codes`)."""
     if (decode is None) == (reference is None):
         raise ValueError("the targets hold a full depth span: pass exactly one of decode or reference")
-    codes &= full[:, None]  # one indexing for every full span (see depth_count_loss)
-    spans = int(full.sum())
-    code_logits = logits[codes][:, code_ids.start : code_ids.stop].reshape(spans, span_length, -1).float()
-    predicted = decode_soft(logits=code_logits, temperature=temperature)
+    spans, span_length = span_logits.shape[:2]
+    predicted = decode_soft(logits=span_logits, temperature=temperature)
     if reference is None:
         with torch.no_grad():
             reference = decode(full_span_codes(targets, code_ids=code_ids, span_length=span_length))  # type: ignore[misc, arg-type]
@@ -226,21 +240,12 @@ def sequence_loss_terms(
     full = codes_per_row == span_length
     terms["depth_recon"] = zero
     if bool(full.any()):
-        if (decode is None) == (reference is None):
-            raise ValueError("the targets hold a full depth span: pass exactly one of decode or reference")
         in_full = full[code_row]
         span_logits = code_logits if bool(in_full.all()) else code_logits[in_full]
-        spans_count = int(full.sum())
-        predicted = decode_soft(logits=span_logits.reshape(spans_count, span_length, -1), temperature=temperature)
-        if reference is None:
-            with torch.no_grad():
-                reference = decode(full_span_codes(targets, code_ids=code_ids, span_length=span_length))  # type: ignore[misc, arg-type]
-        if reference.shape != predicted.shape:
-            raise ValueError(
-                f"the reference depth has shape {tuple(reference.shape)}, the {spans_count} full span(s) decode to "
-                f"{tuple(predicted.shape)}; compute it from full_span_codes of the same targets"
-            )
-        terms["depth_recon"] = F.mse_loss(predicted, reference)
+        span_logits = span_logits.reshape(int(full.sum()), span_length, -1)
+        terms["depth_recon"] = _soft_merging_mse(
+            span_logits, targets, code_ids, decode_soft, decode, reference, temperature
+        )
     return terms
 
 

@@ -8,16 +8,12 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 from PIL import Image
 
-from perceptio.models import PRESETS, PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio.models import PerceptioForConditionalGeneration, PerceptioProcessor, build_preset
 from perceptio.models.attention import GROUPED_SDPA, use_grouped_sdpa
 
 
 def _model() -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
-    tokenizer = PRESETS["tiny"].text_tokenizer()
-    torch.manual_seed(0)
-    model = PerceptioForConditionalGeneration(PRESETS["tiny"].config(tokenizer))
-    model.register_text_tokenizer(tokenizer)
-    return model, PerceptioProcessor.for_config(model.config, tokenizer)
+    return build_preset("tiny", seed=0)
 
 
 def _padded_batch(processor: PerceptioProcessor) -> dict[str, torch.Tensor]:
